@@ -1,0 +1,1 @@
+"""Flywheel dataset service."""

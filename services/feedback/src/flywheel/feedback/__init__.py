@@ -1,0 +1,1 @@
+"""Flywheel feedback service."""

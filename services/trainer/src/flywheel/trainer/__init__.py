@@ -1,0 +1,1 @@
+"""Flywheel trainer service."""
