@@ -1,0 +1,154 @@
+"""The ``flywheel`` command.
+
+flywheel up [--stack embedded|postgres+kafka] [--data-dir DIR] [--free-ports]
+flywheel status [--data-dir DIR]
+flywheel demo [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from flywheel.cli.services import ServicePorts, plan_ports
+from flywheel.cli.supervisor import Supervisor, health_of, read_state
+
+STACKS = ("embedded", "postgres+kafka")
+
+
+def _stack_env(args: argparse.Namespace) -> dict[str, str]:
+    """Environment of the services: this process's, plus what the stack needs."""
+    env = dict(os.environ)
+    env.setdefault("FLYWHEEL_LOG_FORMAT", "json")
+    if args.stack == "postgres+kafka":
+        database_url = args.database_url or env.get("FLYWHEEL_DATABASE_URL")
+        kafka = args.kafka_bootstrap or env.get("FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS")
+        if not database_url or not kafka:
+            raise SystemExit(
+                "flywheel: --stack postgres+kafka needs --database-url (or "
+                "FLYWHEEL_DATABASE_URL) and --kafka-bootstrap (or "
+                "FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS); deploy/local/postgres.sh and "
+                "deploy/local/kafka.sh start local ones"
+            )
+        env.update(
+            FLYWHEEL_DATABASE_URL=database_url,
+            FLYWHEEL_EVENT_BUS="kafka",
+            FLYWHEEL_KAFKA_BOOTSTRAP_SERVERS=kafka,
+        )
+    else:
+        for key in ("FLYWHEEL_DATABASE_URL", "FLYWHEEL_EVENT_BUS", "FLYWHEEL_EVENT_LOG_URL"):
+            env.pop(key, None)
+    return env
+
+
+def _print_table(plan: dict[str, ServicePorts], statuses: dict[str, str]) -> None:
+    print(f"{'service':<10} {'status':<14} {'grpc':>6} {'metrics':>8} {'http':>6}")
+    for name, ports in plan.items():
+        http = str(ports.http_port) if ports.http_port else "-"
+        print(
+            f"{name:<10} {statuses.get(name, '?'):<14} {ports.grpc_port:>6} "
+            f"{ports.metrics_port:>8} {http:>6}"
+        )
+
+
+async def _start(args: argparse.Namespace) -> tuple[Supervisor, bool]:
+    plan = plan_ports(free=args.free_ports)
+    supervisor = Supervisor(plan, _stack_env(args), args.data_dir.resolve())
+    print(f"flywheel: starting {len(plan)} services ({args.stack}); data in {args.data_dir}")
+    await supervisor.start_all()
+    statuses = await supervisor.wait_healthy(args.timeout)
+    _print_table(plan, statuses)
+    healthy = all(v == "SERVING" for v in statuses.values())
+    if not healthy:
+        print(
+            f"flywheel: not every service became healthy; logs in {args.data_dir / 'logs'}",
+            file=sys.stderr,
+        )
+    return supervisor, healthy
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    """Start every service and supervise them until Ctrl-C."""
+    supervisor, healthy = await _start(args)
+    if not healthy:
+        await supervisor.stop_all()
+        return 1
+    gateway = supervisor.services["gateway"].ports
+    print(f"flywheel: gateway on http://127.0.0.1:{gateway.http_port}  (Ctrl-C stops)")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, supervisor.stopping.set)
+    await supervisor.supervise()
+    print("flywheel: stopping")
+    await supervisor.stop_all()
+    return 0
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    """Show the health of the services of a running ``flywheel up``."""
+    state = read_state(args.data_dir.resolve())
+    if state is None:
+        print(f"flywheel: nothing running (no state in {args.data_dir})", file=sys.stderr)
+        return 1
+    services = state["services"]
+    assert isinstance(services, dict)
+    plan = {
+        name: ServicePorts(name, s["grpc_port"], s["metrics_port"], s.get("http_port"))
+        for name, s in services.items()
+    }
+    statuses = await health_of({n: p.grpc_port for n, p in plan.items()})
+    _print_table(plan, statuses)
+    return 0 if all(v == "SERVING" for v in statuses.values()) else 1
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    """Start every service, check each is healthy, and shut down."""
+    supervisor, healthy = await _start(args)
+    await supervisor.stop_all()
+    print("flywheel demo: " + ("every service was healthy" if healthy else "FAILED"))
+    return 0 if healthy else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=Path(os.environ.get("FLYWHEEL_DATA_DIR", ".flywheel/data")),
+            help="databases, event log, artifacts, logs (default: .flywheel/data)",
+        )
+
+    for name, help_text in (
+        ("up", "start every service and supervise them until Ctrl-C"),
+        ("demo", "start every service, check health, shut down"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        common(p)
+        p.add_argument("--stack", choices=STACKS, default="embedded")
+        p.add_argument("--database-url", help="PostgreSQL URL for --stack postgres+kafka")
+        p.add_argument("--kafka-bootstrap", help="Kafka host:port for --stack postgres+kafka")
+        p.add_argument(
+            "--free-ports", action="store_true", help="pick free ports instead of the defaults"
+        )
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+    common(sub.add_parser("status", help="show the health of running services"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``flywheel`` command."""
+    args = build_parser().parse_args(argv)
+    command = {"up": cmd_up, "status": cmd_status, "demo": cmd_demo}[args.command]
+    return asyncio.run(command(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

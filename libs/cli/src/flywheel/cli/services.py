@@ -1,0 +1,51 @@
+"""The services ``flywheel up`` runs on one machine, and the ports each gets."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass
+
+# Start order: the gateway last, since its readiness depends on everyone else.
+SERVICE_NAMES = ("feedback", "dataset", "trainer", "inference", "critic", "gateway")
+GRPC_BASE_PORT = 50050
+METRICS_BASE_PORT = 9100
+GATEWAY_HTTP_PORT = 8080
+# Same numbering as each service's settings defaults: gateway 1, feedback 2, ...
+_PORT_INDEX = {"gateway": 1, "feedback": 2, "dataset": 3, "trainer": 4, "inference": 5, "critic": 6}
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    """Where one service listens on loopback."""
+
+    name: str
+    grpc_port: int
+    metrics_port: int
+    http_port: int | None = None
+
+    def to_json(self) -> dict[str, int | str | None]:
+        """A JSON-ready copy."""
+        return asdict(self)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def plan_ports(free: bool = False) -> dict[str, ServicePorts]:
+    """The fixed default ports, or free ones (``free=True``, for tests and parallel runs)."""
+    plan = {}
+    for name in SERVICE_NAMES:
+        i = _PORT_INDEX[name]
+        http = None
+        if name == "gateway":
+            http = _free_port() if free else GATEWAY_HTTP_PORT
+        plan[name] = ServicePorts(
+            name=name,
+            grpc_port=_free_port() if free else GRPC_BASE_PORT + i,
+            metrics_port=_free_port() if free else METRICS_BASE_PORT + i,
+            http_port=http,
+        )
+    return plan
