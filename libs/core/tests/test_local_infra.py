@@ -7,10 +7,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from flywheel.core.testing.local_infra import LocalKafka, LocalPostgres, free_port
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from flywheel.core.testing.local_infra import LocalKafka, LocalPostgres, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from flywheel.core.db import ensure_schema
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flywheel.core.db import ensure_schema
 
 CORE_ALEMBIC_DIR = Path(__file__).parent / "alembic"
 

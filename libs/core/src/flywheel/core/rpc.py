@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from flywheel.core.telemetry import MetricsInterceptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from flywheel.core.telemetry import MetricsInterceptor
 
 # A servicer and the generated ``add_<Name>Servicer_to_server`` that registers it.
 Registration = tuple[Callable[[Any, Any], None], Any]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from flywheel.core.config import ServiceSettings
 from pydantic import Field
+
+from flywheel.core.config import ServiceSettings
 
 DEFAULT_UPSTREAMS = {
     "feedback": "127.0.0.1:50052",

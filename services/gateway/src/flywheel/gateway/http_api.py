@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+
 from flywheel.core.rpc import check_health
 from flywheel.gateway.config import GatewaySettings
 

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import Iterator
 
 import uvicorn
+
 from flywheel.core.runtime import ServiceRuntime
 from flywheel.gateway.config import GatewaySettings
 from flywheel.gateway.http_api import create_app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
+
 from flywheel.core.db import Base
+from flywheel.core.events import inbox, outbox  # noqa: F401  (core tables on Base.metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 import prometheus_client
+
 from flywheel.core.events.bus import EventBus, EventRecord, Subscription
 
 log = logging.getLogger(__name__)

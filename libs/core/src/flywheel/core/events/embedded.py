@@ -11,8 +11,6 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from flywheel.core.db import BigId, create_engine
-from flywheel.core.events.bus import EventRecord
 from sqlalchemy import (
     Column,
     DateTime,
@@ -28,6 +26,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from flywheel.core.db import BigId, create_engine
+from flywheel.core.events.bus import EventRecord
 
 _metadata = MetaData()
 

@@ -6,9 +6,10 @@ import uuid
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from google.protobuf.message import Message
+
 from flywheel.contracts.events.v1 import envelope_pb2
 from flywheel.contracts.events.v1.envelope_pb2 import Envelope
-from google.protobuf.message import Message
 
 SCHEMA_VERSION = 1
 

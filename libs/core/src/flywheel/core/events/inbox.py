@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
-from flywheel.core.db import Base
 from sqlalchemy import DateTime, String, func
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
+
+from flywheel.core.db import Base
 
 
 class ProcessedEvent(Base):

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from flywheel.core.events.bus import EventRecord
-from flywheel.core.events.envelope import parse
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+
+from flywheel.core.events.bus import EventRecord
+from flywheel.core.events.envelope import parse
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from flywheel.contracts.events.v1.envelope_pb2 import Envelope
-from flywheel.core.db import Base, BigId
-from flywheel.core.events.envelope import event_options, wrap
 from google.protobuf.message import Message
 from sqlalchemy import DateTime, Index, LargeBinary, String, func, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
+
+from flywheel.contracts.events.v1.envelope_pb2 import Envelope
+from flywheel.core.db import Base, BigId
+from flywheel.core.events.envelope import event_options, wrap
 
 
 class OutboxEvent(Base):

@@ -14,10 +14,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 import prometheus_client
+from sqlalchemy import delete, select, update
+
 from flywheel.core.db import SessionFactory
 from flywheel.core.events.bus import EventBus, EventRecord
 from flywheel.core.events.outbox import OutboxEvent
-from sqlalchemy import delete, select, update
 
 log = logging.getLogger(__name__)
 

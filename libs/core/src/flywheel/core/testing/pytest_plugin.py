@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from flywheel.core.testing.local_infra import LocalKafka, LocalPostgres
 
 POSTGRES_URL_ENV = "FLYWHEEL_TEST_POSTGRES_URL"
