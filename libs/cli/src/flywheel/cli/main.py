@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from flywheel.cli.services import ServicePorts, plan_ports
-from flywheel.cli.supervisor import Supervisor, health_of, read_state
+from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
 
 STACKS = ("embedded", "postgres+kafka")
 
@@ -63,6 +63,13 @@ async def _start(args: argparse.Namespace) -> tuple[Supervisor, bool]:
     statuses = await supervisor.wait_healthy(args.timeout)
     _print_table(plan, statuses)
     healthy = all(v == "SERVING" for v in statuses.values())
+    if healthy:
+        # The gateway's readiness is the view a client has: every service reachable from it.
+        http_port = plan["gateway"].http_port
+        assert http_port is not None
+        code, body = await gateway_ready(http_port)
+        print(f"gateway /readyz: HTTP {code} {body}")
+        healthy = code == 200
     if not healthy:
         print(
             f"flywheel: not every service became healthy; logs in {args.data_dir / 'logs'}",

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +189,22 @@ async def health_of(grpc_ports: dict[str, int]) -> dict[str, str]:
         *(check_health(f"127.0.0.1:{grpc_ports[n]}", timeout_s=1.0) for n in names)
     )
     return dict(zip(names, results, strict=True))
+
+
+async def gateway_ready(http_port: int, timeout_s: float = 5.0) -> tuple[int, str]:
+    """GET the gateway's /readyz: (HTTP status, body); status 0 if it does not answer."""
+
+    def get() -> tuple[int, str]:
+        url = f"http://127.0.0.1:{http_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    return await asyncio.to_thread(get)
 
 
 def read_state(data_dir: Path) -> dict[str, object] | None:

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 from pathlib import Path
 
 from flywheel.core.artifacts import LocalArtifactStore
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # A long-running job of the service (a consumer loop, an HTTP server) that ends when the
 # event it is given is set.
-BackgroundTask = Callable[[asyncio.Event], Awaitable[None]]
+BackgroundTask = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 class ServiceRuntime:

@@ -182,11 +182,11 @@ class EmbeddedSubscription:
 
     async def commit(self) -> None:
         """Store the consumed positions as the group's committed ones."""
-        changed = [
-            {"consumer_group": self.group, "topic": topic, "position": position}
+        changed = {
+            topic: position
             for topic, position in self._consumed.items()
             if self._committed.get(topic) != position
-        ]
+        }
         if not changed:
             return
         upsert = _insert_for(self._engine)(consumer_offsets)
@@ -195,8 +195,14 @@ class EmbeddedSubscription:
             set_={"position": upsert.excluded.position},
         )
         async with self._engine.begin() as conn:
-            await conn.execute(statement, changed)
-        self._committed.update({row["topic"]: row["position"] for row in changed})
+            await conn.execute(
+                statement,
+                [
+                    {"consumer_group": self.group, "topic": topic, "position": position}
+                    for topic, position in changed.items()
+                ],
+            )
+        self._committed.update(changed)
 
     async def close(self) -> None:
         """Forget uncommitted progress; a new subscription resumes from the committed one."""
