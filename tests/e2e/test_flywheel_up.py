@@ -86,9 +86,10 @@ def test_up_supervises_and_status_reports(tmp_path: Path) -> None:
         _wait(restarted, 30, "the supervisor to restart dataset")
         _wait(lambda: _status(data).returncode == 0, 60, "every service to serve again")
 
-        pids = [s["pid"] for s in json.loads((data / "run" / "state.json").read_text())[
-            "services"
-        ].values()]
+        pids = [
+            s["pid"]
+            for s in json.loads((data / "run" / "state.json").read_text())["services"].values()
+        ]
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
         assert not (data / "run" / "state.json").exists()

@@ -12,8 +12,8 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.config import ServiceSettings
