@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from flywheel.core.telemetry import MetricsInterceptor
+from flywheel.core.errors import DomainError, abort_with
+from flywheel.core.telemetry import MetricsInterceptor, rewrap_handler
 
 # A servicer and the generated ``add_<Name>Servicer_to_server`` that registers it.
 Registration = tuple[Callable[[Any, Any], None], Any]
+
+
+class DomainErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns a :class:`~flywheel.core.errors.DomainError` raised by a servicer into its status,
+    so servicers just call the domain and never a caller-facing error becomes UNKNOWN."""
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        return rewrap_handler(
+            await continuation(handler_call_details), _translate_unary, _translate_stream
+        )
+
+
+def _translate_unary(behaviour: Any) -> Any:
+    async def wrapper(request: Any, context: Any) -> Any:
+        try:
+            return await behaviour(request, context)
+        except DomainError as error:
+            await abort_with(context, error)
+
+    return wrapper
+
+
+def _translate_stream(behaviour: Any) -> Any:
+    async def wrapper(request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except DomainError as error:
+            await abort_with(context, error)
+
+    return wrapper
 
 
 @dataclass
@@ -37,7 +71,8 @@ async def start_grpc_server(
     The standard ``grpc.health.v1.Health`` service reports SERVING for the server as a whole
     (service "") and for each name in ``service_names``.
     """
-    server = grpc.aio.server(interceptors=[MetricsInterceptor()])
+    # Metrics outermost, so they see the status the domain error became.
+    server = grpc.aio.server(interceptors=[MetricsInterceptor(), DomainErrorInterceptor()])
     for add, servicer in registrations:
         add(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -32,34 +32,37 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
         _, service, method = handler_call_details.method.split("/", 2)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _timed(handler.unary_unary, service, method),
+        return rewrap_handler(
+            handler,
+            lambda behaviour: _timed(behaviour, service, method),
+            lambda behaviour: _timed_stream(behaviour, service, method),
+        )
+
+
+def rewrap_handler(
+    handler: Any,
+    wrap_unary_response: Callable[[Any], Any],
+    wrap_stream_response: Callable[[Any], Any],
+) -> Any:
+    """The same RPC handler with its behaviour wrapped (for unary or streaming responses)."""
+    if handler is None:
+        return None
+    kinds = (
+        ("unary_unary", grpc.unary_unary_rpc_method_handler, wrap_unary_response),
+        ("stream_unary", grpc.stream_unary_rpc_method_handler, wrap_unary_response),
+        ("unary_stream", grpc.unary_stream_rpc_method_handler, wrap_stream_response),
+        ("stream_stream", grpc.stream_stream_rpc_method_handler, wrap_stream_response),
+    )
+    for attribute, factory, wrap in kinds:
+        behaviour = getattr(handler, attribute)
+        if behaviour is not None:
+            return factory(
+                wrap(behaviour),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _timed(handler.stream_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        # Streaming responses are counted when the stream ends.
-        behaviour = handler.unary_stream or handler.stream_stream
-        wrapped = _timed_stream(behaviour, service, method)
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    return handler
 
 
 def _code_of(context: Any, error: BaseException | None) -> str:
