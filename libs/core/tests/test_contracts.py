@@ -267,6 +267,7 @@ TENANTLESS_REQUESTS = {
     "AuthenticateApiKeyRequest": "the secret determines the tenant",
     "ListEvaluatorsRequest": "evaluators come from installed plug-ins, not tenants",
     "GenerateStreamRequest": "wraps a GenerateRequest, which carries tenant_id",
+    "BatchRecordFeedbackRequest": "wraps RecordFeedbackRequests, each with its tenant_id",
 }
 
 

@@ -44,7 +44,8 @@ async def _generation(
             ),
         )
     )
-    return response.generation
+    generation: pb.Generation = response.generation
+    return generation
 
 
 async def _error(call: Any) -> grpc.aio.AioRpcError:
@@ -307,3 +308,41 @@ async def test_stats_and_export(stub: FeedbackServiceStub) -> None:
     assert {line["kind"] for line in lines} == {"thumbs", "rating"}
     assert all(line["source"] == "human" for line in lines)
     assert lines[0]["generation"]["output"] == "Put 60% on search."
+
+
+async def test_a_batch_commits_together_and_fails_item_by_item(stub: FeedbackServiceStub) -> None:
+    await _tenant(stub, "acme")
+    await _tenant(stub, "globex")
+    mine = await _generation(stub, "acme")
+    theirs = await _generation(stub, "globex")
+
+    def item(tenant: str, generation_id: str, rating: int, cid: str | None = None) -> Any:
+        return api.RecordFeedbackRequest(
+            tenant_id=tenant,
+            generation_id=generation_id,
+            value=pb.FeedbackValue(rating=pb.Rating(value=rating)),
+            client_feedback_id=cid,
+        )
+
+    response = await stub.BatchRecordFeedback(
+        api.BatchRecordFeedbackRequest(
+            requests=[
+                item("acme", mine.generation_id, 5, cid="c-1"),
+                item("acme", mine.generation_id, 9),  # invalid rating
+                item("acme", theirs.generation_id, 3),  # another tenant's generation
+                item("globex", theirs.generation_id, 2),
+                item("acme", mine.generation_id, 5, cid="c-1"),  # duplicate in the batch
+            ]
+        )
+    )
+    outcomes = [r.WhichOneof("outcome") for r in response.results]
+    assert outcomes == ["recorded", "error", "error", "recorded", "recorded"]
+    first, invalid, foreign, other_tenant, duplicate = response.results
+    assert first.recorded.created and not duplicate.recorded.created
+    assert duplicate.recorded.feedback.feedback_id == first.recorded.feedback.feedback_id
+    assert invalid.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [v.field for v in invalid.error.field_violations] == ["value.rating.value"]
+    assert foreign.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert other_tenant.recorded.feedback.tenant_id == "globex"
+    acme = await stub.ListFeedback(api.ListFeedbackRequest(tenant_id="acme"))
+    assert len(acme.feedback) == 1

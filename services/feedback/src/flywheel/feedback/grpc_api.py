@@ -15,10 +15,10 @@ from flywheel.contracts.common.v1.common_pb2 import AdapterRef, PageResponse
 from flywheel.contracts.feedback.v1 import resources_pb2 as pb
 from flywheel.contracts.feedback.v1 import service_pb2 as api
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceServicer
-from flywheel.core.errors import FieldError, InvalidArgument, Unauthenticated
+from flywheel.core.errors import DomainError, FieldError, InvalidArgument, Unauthenticated
 from flywheel.feedback import mapping
 from flywheel.feedback.models import FeedbackRow, GenerationRow
-from flywheel.feedback.service import FeedbackService, Page
+from flywheel.feedback.service import FeedbackInput, FeedbackService, Page
 
 STATS_GROUPS = {
     api.STATS_GROUP_BY_ADAPTER: "adapter",
@@ -38,6 +38,42 @@ def export_line(feedback: FeedbackRow, generation: GenerationRow) -> dict[str, A
     line["kind"] = feedback.kind
     line["generation"] = mapping.to_json(mapping.generation_message(generation))
     return dict(line)
+
+
+def feedback_input(request: api.RecordFeedbackRequest) -> FeedbackInput:
+    """A RecordFeedbackRequest as the domain's input."""
+    return FeedbackInput(
+        tenant_id=request.tenant_id,
+        generation_id=request.generation_id,
+        value=request.value,
+        source=request.source,
+        user_id=request.user_id if request.HasField("user_id") else None,
+        dimension_scores=request.dimension_scores,
+        client_feedback_id=request.client_feedback_id
+        if request.HasField("client_feedback_id")
+        else None,
+        metadata=mapping.to_json(request.metadata),
+    )
+
+
+def _batch_result(
+    result: tuple[FeedbackRow, bool] | DomainError,
+) -> api.BatchRecordFeedbackResult:
+    if isinstance(result, DomainError):
+        violations = result.errors if isinstance(result, InvalidArgument) else []
+        return api.BatchRecordFeedbackResult(
+            error=api.ItemError(
+                code=result.code.value[0],
+                message=result.message,
+                field_violations=[
+                    api.FieldViolation(field=v.field, message=v.message) for v in violations
+                ],
+            )
+        )
+    row, created = result
+    return api.BatchRecordFeedbackResult(
+        recorded=api.RecordFeedbackResponse(feedback=mapping.feedback_message(row), created=created)
+    )
 
 
 class FeedbackServicer(FeedbackServiceServicer):
@@ -157,19 +193,16 @@ class FeedbackServicer(FeedbackServiceServicer):
         )
 
     async def RecordFeedback(self, request: Any, context: Any) -> api.RecordFeedbackResponse:
-        row, created = await self.service.record_feedback(
-            request.tenant_id,
-            request.generation_id,
-            request.value,
-            request.source,
-            user_id=request.user_id if request.HasField("user_id") else None,
-            dimension_scores=request.dimension_scores,
-            client_feedback_id=request.client_feedback_id
-            if request.HasField("client_feedback_id")
-            else None,
-            metadata=mapping.to_json(request.metadata),
-        )
+        row, created = await self.service.record_feedback(feedback_input(request))
         return api.RecordFeedbackResponse(feedback=mapping.feedback_message(row), created=created)
+
+    async def BatchRecordFeedback(
+        self, request: Any, context: Any
+    ) -> api.BatchRecordFeedbackResponse:
+        results = await self.service.record_feedback_batch(
+            [feedback_input(r) for r in request.requests]
+        )
+        return api.BatchRecordFeedbackResponse(results=[_batch_result(r) for r in results])
 
     async def EditFeedback(self, request: Any, context: Any) -> api.EditFeedbackResponse:
         row = await self.service.edit_feedback(

@@ -13,12 +13,12 @@ import hmac
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import Select, and_, case, func, or_, select
+from sqlalchemy import Select, and_, case, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,7 +31,14 @@ from flywheel.contracts.feedback.v1.service_pb2 import (
     GenerationInput,
 )
 from flywheel.core.db import SessionFactory
-from flywheel.core.errors import AlreadyExists, Conflict, FieldError, InvalidArgument, NotFound
+from flywheel.core.errors import (
+    AlreadyExists,
+    Conflict,
+    DomainError,
+    FieldError,
+    InvalidArgument,
+    NotFound,
+)
 from flywheel.core.events.outbox import add_event
 from flywheel.feedback import mapping
 from flywheel.feedback.models import (
@@ -493,87 +500,105 @@ class FeedbackService:
     async def _preference_side_b(
         self, session: AsyncSession, tenant_id: str, generation: GenerationRow, b_id: str
     ) -> GenerationRow:
-        if b_id == generation.generation_id:
-            raise InvalidArgument(
-                FieldError("value.preference.generation_b_id", "must differ from generation_id")
-            )
         other = await session.get(GenerationRow, b_id)
-        if other is None or other.tenant_id != tenant_id:
-            raise NotFound("generation", b_id)
-        if other.prompt_hash != generation.prompt_hash:
-            raise InvalidArgument(
-                FieldError(
-                    "value.preference.generation_b_id",
-                    "must be a generation of the same prompt as generation_id",
-                )
-            )
+        _check_side_b(tenant_id, generation, b_id, other)
+        assert other is not None
         return other
 
-    async def record_feedback(
-        self,
-        tenant_id: str,
-        generation_id: str,
-        value: pb.FeedbackValue,
-        source: pb.FeedbackSource,
-        *,
-        user_id: str | None = None,
-        dimension_scores: Sequence[DimensionScore] = (),
-        client_feedback_id: str | None = None,
-        metadata: dict[str, Any] | None = None,
-    ) -> tuple[FeedbackRow, bool]:
-        """Record feedback on a generation; a retry with the same client id returns the first."""
+    def _check_record(self, item: FeedbackInput) -> str:
+        """Validate one input; return its kind."""
         checks = Checks()
-        kind = self._check_value(value, checks)
-        source_kind = mapping.SOURCE_KIND_NAMES.get(source.kind, "human")
-        if source.kind == pb.SOURCE_KIND_SYNTHETIC:
-            checks.require(bool(source.critic), "source.critic", "is required for synthetic")
-        elif source.critic:
+        kind = self._check_value(item.value, checks)
+        if item.source.kind == pb.SOURCE_KIND_SYNTHETIC:
+            checks.require(bool(item.source.critic), "source.critic", "is required for synthetic")
+        elif item.source.critic:
             checks.fail("source.critic", "is only allowed for synthetic feedback")
-        if client_feedback_id is not None:
-            checks.text(client_feedback_id, "client_feedback_id", max_chars=MAX_ID_CHARS)
-        checks.metadata(metadata or {}, "metadata")
+        if item.client_feedback_id is not None:
+            checks.text(item.client_feedback_id, "client_feedback_id", max_chars=MAX_ID_CHARS)
+        checks.metadata(item.metadata or {}, "metadata")
         checks.done()
+        return kind
 
-        async def record() -> tuple[FeedbackRow, bool]:
-            async with self.sessions() as session, session.begin():
-                if client_feedback_id is not None:
-                    existing = await session.scalar(
-                        select(FeedbackRow).where(
-                            FeedbackRow.tenant_id == tenant_id,
-                            FeedbackRow.client_feedback_id == client_feedback_id,
-                        )
+    async def record_feedback(self, item: FeedbackInput) -> tuple[FeedbackRow, bool]:
+        """Record feedback on a generation; a retry with the same client id returns the first."""
+        [result] = await self.record_feedback_batch([item])
+        if isinstance(result, DomainError):
+            raise result
+        return result
+
+    async def record_feedback_batch(
+        self, items: Sequence[FeedbackInput]
+    ) -> list[tuple[FeedbackRow, bool] | DomainError]:
+        """Record many feedbacks in one transaction; each item succeeds or fails on its own.
+
+        One commit for the whole batch is what makes ingest fast (group commit): the rows,
+        revisions and outbox events of every item are written together, with a handful of
+        statements instead of a handful per item.
+        """
+        results: list[tuple[FeedbackRow, bool] | DomainError | None] = [None] * len(items)
+        kinds: dict[int, str] = {}
+        for i, item in enumerate(items):
+            try:
+                kinds[i] = self._check_record(item)
+            except DomainError as error:
+                results[i] = error
+        if kinds:
+            done = await _once_despite_races(lambda: self._record_valid(items, kinds))
+            results = [done.get(i, r) for i, r in enumerate(results)]
+            if any(isinstance(r, tuple) and r[1] for r in results):
+                self.on_commit()
+        return [r for r in results if r is not None]
+
+    async def _record_valid(
+        self, items: Sequence[FeedbackInput], kinds: dict[int, str]
+    ) -> dict[int, tuple[FeedbackRow, bool] | DomainError]:
+        done: dict[int, tuple[FeedbackRow, bool] | DomainError] = {}
+        async with self.sessions() as session, session.begin():
+            keys = {
+                (items[i].tenant_id, items[i].client_feedback_id)
+                for i in kinds
+                if items[i].client_feedback_id is not None
+            }
+            existing: dict[tuple[str, str | None], FeedbackRow] = {}
+            if keys:
+                found = await session.scalars(
+                    select(FeedbackRow).where(
+                        tuple_(FeedbackRow.tenant_id, FeedbackRow.client_feedback_id).in_(keys)
                     )
-                    if existing is not None:
-                        return existing, False
-                generation = await self._scoped_get(
-                    session, GenerationRow, tenant_id, generation_id, "generation"
                 )
-                other = None
-                if kind == "preference":
-                    other = await self._preference_side_b(
-                        session, tenant_id, generation, value.preference.generation_b_id
-                    )
-                now = _now()
-                row = FeedbackRow(
-                    feedback_id=str(uuid.uuid4()),
-                    tenant_id=tenant_id,
-                    generation_id=generation_id,
-                    source_kind=source_kind,
-                    critic=source.critic,
-                    user_id=user_id,
-                    dimension_scores=[mapping.to_json(d) for d in dimension_scores],
-                    client_feedback_id=client_feedback_id,
-                    revision=1,
-                    extra=metadata or {},
-                    task=generation.task,
-                    adapter_name=generation.adapter_name,
-                    adapter_version=generation.adapter_version,
-                    created_at=now,
-                    updated_at=now,
+                existing = {(r.tenant_id, r.client_feedback_id): r for r in found}
+            wanted = {items[i].generation_id for i in kinds} | {
+                items[i].value.preference.generation_b_id
+                for i, kind in kinds.items()
+                if kind == "preference"
+            }
+            generations = {
+                g.generation_id: g
+                for g in await session.scalars(
+                    select(GenerationRow).where(GenerationRow.generation_id.in_(wanted))
                 )
-                _apply_value(row, kind, value)
-                session.add(row)
-                await session.flush()  # the revision's foreign key needs the row first
+            }
+            now = _now()
+            new: list[tuple[FeedbackRow, GenerationRow, GenerationRow | None]] = []
+            for i, kind in kinds.items():
+                item = items[i]
+                key = (item.tenant_id, item.client_feedback_id)
+                if item.client_feedback_id is not None and key in existing:
+                    done[i] = (existing[key], False)
+                    continue
+                try:
+                    generation, other = _resolve_generations(item, kind, generations)
+                except DomainError as error:
+                    done[i] = error
+                    continue
+                row = _new_feedback(item, kind, generation, now)
+                if item.client_feedback_id is not None:
+                    existing[key] = row  # a later duplicate in this batch gets this row
+                new.append((row, generation, other))
+                done[i] = (row, True)
+            session.add_all([row for row, _, _ in new])
+            await session.flush()  # revisions reference the feedback rows
+            for row, generation, other in new:
                 session.add(
                     FeedbackRevisionRow(
                         feedback_id=row.feedback_id, revision=1, value=row.value, created_at=now
@@ -581,19 +606,14 @@ class FeedbackService:
                 )
                 self._event(
                     session,
-                    tenant_id,
+                    row.tenant_id,
                     events.FeedbackRecorded(
                         feedback=mapping.feedback_message(row),
                         generation=mapping.generation_message(generation),
                         generation_b=mapping.generation_message(other) if other else None,
                     ),
                 )
-            return row, True
-
-        row, created = await _once_despite_races(record)
-        if created:
-            self.on_commit()
-        return row, created
+        return done
 
     async def edit_feedback(
         self,
@@ -812,6 +832,78 @@ class FeedbackService:
             yield rows
             last = rows[-1][0]
             after = (last.created_at, last.feedback_id)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackInput:
+    """What a caller says about a generation (RecordFeedback's fields)."""
+
+    tenant_id: str
+    generation_id: str
+    value: pb.FeedbackValue
+    source: pb.FeedbackSource = field(default_factory=pb.FeedbackSource)
+    user_id: str | None = None
+    dimension_scores: Sequence[DimensionScore] = ()
+    client_feedback_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _check_side_b(
+    tenant_id: str, generation: GenerationRow, b_id: str, other: GenerationRow | None
+) -> None:
+    """A preference's side B: another generation of the same tenant and prompt."""
+    if b_id == generation.generation_id:
+        raise InvalidArgument(
+            FieldError("value.preference.generation_b_id", "must differ from generation_id")
+        )
+    if other is None or other.tenant_id != tenant_id:
+        raise NotFound("generation", b_id)
+    if other.prompt_hash != generation.prompt_hash:
+        raise InvalidArgument(
+            FieldError(
+                "value.preference.generation_b_id",
+                "must be a generation of the same prompt as generation_id",
+            )
+        )
+
+
+def _resolve_generations(
+    item: FeedbackInput, kind: str, generations: dict[str, GenerationRow]
+) -> tuple[GenerationRow, GenerationRow | None]:
+    """The judged generation (and side B of a preference), scoped to the item's tenant."""
+    generation = generations.get(item.generation_id)
+    if generation is None or generation.tenant_id != item.tenant_id:
+        raise NotFound("generation", item.generation_id)
+    if kind != "preference":
+        return generation, None
+    b_id = item.value.preference.generation_b_id
+    other = generations.get(b_id)
+    _check_side_b(item.tenant_id, generation, b_id, other)
+    return generation, other
+
+
+def _new_feedback(
+    item: FeedbackInput, kind: str, generation: GenerationRow, now: datetime
+) -> FeedbackRow:
+    row = FeedbackRow(
+        feedback_id=str(uuid.uuid4()),
+        tenant_id=item.tenant_id,
+        generation_id=item.generation_id,
+        source_kind=mapping.SOURCE_KIND_NAMES.get(item.source.kind, "human"),
+        critic=item.source.critic,
+        user_id=item.user_id,
+        dimension_scores=[mapping.to_json(d) for d in item.dimension_scores],
+        client_feedback_id=item.client_feedback_id,
+        revision=1,
+        extra=item.metadata or {},
+        task=generation.task,
+        adapter_name=generation.adapter_name,
+        adapter_version=generation.adapter_version,
+        created_at=now,
+        updated_at=now,
+    )
+    _apply_value(row, kind, item.value)
+    return row
 
 
 async def _once_despite_races(create: Callable[[], Awaitable[T]]) -> T:
