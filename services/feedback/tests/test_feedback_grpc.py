@@ -338,7 +338,8 @@ async def test_a_batch_commits_together_and_fails_item_by_item(stub: FeedbackSer
     outcomes = [r.WhichOneof("outcome") for r in response.results]
     assert outcomes == ["recorded", "error", "error", "recorded", "recorded"]
     first, invalid, foreign, other_tenant, duplicate = response.results
-    assert first.recorded.created and not duplicate.recorded.created
+    assert first.recorded.created
+    assert not duplicate.recorded.created
     assert duplicate.recorded.feedback.feedback_id == first.recorded.feedback.feedback_id
     assert invalid.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert [v.field for v in invalid.error.field_violations] == ["value.rating.value"]

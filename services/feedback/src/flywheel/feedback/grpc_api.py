@@ -83,27 +83,27 @@ class FeedbackServicer(FeedbackServiceServicer):
         self.service = service
 
     async def CreateTenant(self, request: Any, context: Any) -> api.CreateTenantResponse:
-        row = await self.service.create_tenant(request.tenant_id, request.display_name)
+        row = await self.service.accounts.create_tenant(request.tenant_id, request.display_name)
         return api.CreateTenantResponse(tenant=mapping.tenant_message(row))
 
     async def GetTenant(self, request: Any, context: Any) -> api.GetTenantResponse:
-        row = await self.service.get_tenant(request.tenant_id)
+        row = await self.service.accounts.get_tenant(request.tenant_id)
         return api.GetTenantResponse(tenant=mapping.tenant_message(row))
 
     async def ListTenants(self, request: Any, context: Any) -> api.ListTenantsResponse:
-        page = await self.service.list_tenants(request.page.page_size, request.page.cursor)
+        page = await self.service.accounts.list_tenants(request.page.page_size, request.page.cursor)
         return api.ListTenantsResponse(
             tenants=[mapping.tenant_message(r) for r in page.items], page=_page(page)
         )
 
     async def CreateUser(self, request: Any, context: Any) -> api.CreateUserResponse:
-        row = await self.service.create_user(
+        row = await self.service.accounts.create_user(
             request.tenant_id, request.external_id, request.display_name
         )
         return api.CreateUserResponse(user=mapping.user_message(row))
 
     async def ListUsers(self, request: Any, context: Any) -> api.ListUsersResponse:
-        page = await self.service.list_users(
+        page = await self.service.accounts.list_users(
             request.tenant_id, request.page.page_size, request.page.cursor
         )
         return api.ListUsersResponse(
@@ -114,7 +114,7 @@ class FeedbackServicer(FeedbackServiceServicer):
         role = mapping.ROLE_NAMES.get(request.role)
         if role is None:
             raise InvalidArgument(FieldError("role", "must be rater, integrator, admin or service"))
-        row, secret = await self.service.create_api_key(
+        row, secret = await self.service.accounts.create_api_key(
             request.tenant_id,
             role,
             request.name,
@@ -126,7 +126,7 @@ class FeedbackServicer(FeedbackServiceServicer):
         return api.CreateApiKeyResponse(api_key=mapping.api_key_message(row), secret=secret)
 
     async def ListApiKeys(self, request: Any, context: Any) -> api.ListApiKeysResponse:
-        page = await self.service.list_api_keys(
+        page = await self.service.accounts.list_api_keys(
             request.tenant_id, request.include_revoked, request.page.page_size, request.page.cursor
         )
         return api.ListApiKeysResponse(
@@ -134,25 +134,25 @@ class FeedbackServicer(FeedbackServiceServicer):
         )
 
     async def RevokeApiKey(self, request: Any, context: Any) -> api.RevokeApiKeyResponse:
-        row = await self.service.revoke_api_key(request.tenant_id, request.key_id)
+        row = await self.service.accounts.revoke_api_key(request.tenant_id, request.key_id)
         return api.RevokeApiKeyResponse(api_key=mapping.api_key_message(row))
 
     async def AuthenticateApiKey(
         self, request: Any, context: Any
     ) -> api.AuthenticateApiKeyResponse:
-        row = await self.service.authenticate(request.secret)
+        row = await self.service.accounts.authenticate(request.secret)
         if row is None:
             raise Unauthenticated("invalid, revoked or expired API key")
         return api.AuthenticateApiKeyResponse(api_key=mapping.api_key_message(row))
 
     async def CreateTaskType(self, request: Any, context: Any) -> api.CreateTaskTypeResponse:
-        row = await self.service.create_task_type(
+        row = await self.service.accounts.create_task_type(
             request.tenant_id, request.name, request.description, request.domain
         )
         return api.CreateTaskTypeResponse(task_type=mapping.task_type_message(row))
 
     async def ListTaskTypes(self, request: Any, context: Any) -> api.ListTaskTypesResponse:
-        page = await self.service.list_task_types(
+        page = await self.service.accounts.list_task_types(
             request.tenant_id, request.page.page_size, request.page.cursor
         )
         return api.ListTaskTypesResponse(
@@ -160,7 +160,7 @@ class FeedbackServicer(FeedbackServiceServicer):
         )
 
     async def LogGeneration(self, request: Any, context: Any) -> api.LogGenerationResponse:
-        [(row, created)] = await self.service.log_generations(
+        [(row, created)] = await self.service.generations.log_generations(
             request.tenant_id, [request.generation]
         )
         return api.LogGenerationResponse(
@@ -170,7 +170,9 @@ class FeedbackServicer(FeedbackServiceServicer):
     async def BatchLogGenerations(
         self, request: Any, context: Any
     ) -> api.BatchLogGenerationsResponse:
-        results = await self.service.log_generations(request.tenant_id, request.generations)
+        results = await self.service.generations.log_generations(
+            request.tenant_id, request.generations
+        )
         return api.BatchLogGenerationsResponse(
             results=[
                 api.LogGenerationResponse(
@@ -181,11 +183,13 @@ class FeedbackServicer(FeedbackServiceServicer):
         )
 
     async def GetGeneration(self, request: Any, context: Any) -> api.GetGenerationResponse:
-        row = await self.service.get_generation(request.tenant_id, request.generation_id)
+        row = await self.service.generations.get_generation(
+            request.tenant_id, request.generation_id
+        )
         return api.GetGenerationResponse(generation=mapping.generation_message(row))
 
     async def ListGenerations(self, request: Any, context: Any) -> api.ListGenerationsResponse:
-        page = await self.service.list_generations(
+        page = await self.service.generations.list_generations(
             request.tenant_id, request.filter, request.page.page_size, request.page.cursor
         )
         return api.ListGenerationsResponse(
@@ -193,19 +197,19 @@ class FeedbackServicer(FeedbackServiceServicer):
         )
 
     async def RecordFeedback(self, request: Any, context: Any) -> api.RecordFeedbackResponse:
-        row, created = await self.service.record_feedback(feedback_input(request))
+        row, created = await self.service.feedback.record_feedback(feedback_input(request))
         return api.RecordFeedbackResponse(feedback=mapping.feedback_message(row), created=created)
 
     async def BatchRecordFeedback(
         self, request: Any, context: Any
     ) -> api.BatchRecordFeedbackResponse:
-        results = await self.service.record_feedback_batch(
+        results = await self.service.feedback.record_feedback_batch(
             [feedback_input(r) for r in request.requests]
         )
         return api.BatchRecordFeedbackResponse(results=[_batch_result(r) for r in results])
 
     async def EditFeedback(self, request: Any, context: Any) -> api.EditFeedbackResponse:
-        row = await self.service.edit_feedback(
+        row = await self.service.feedback.edit_feedback(
             request.tenant_id,
             request.feedback_id,
             request.value,
@@ -217,7 +221,7 @@ class FeedbackServicer(FeedbackServiceServicer):
         return api.EditFeedbackResponse(feedback=mapping.feedback_message(row))
 
     async def RetractFeedback(self, request: Any, context: Any) -> api.RetractFeedbackResponse:
-        row = await self.service.retract_feedback(
+        row = await self.service.feedback.retract_feedback(
             request.tenant_id,
             request.feedback_id,
             reason=request.reason if request.HasField("reason") else None,
@@ -225,11 +229,11 @@ class FeedbackServicer(FeedbackServiceServicer):
         return api.RetractFeedbackResponse(feedback=mapping.feedback_message(row))
 
     async def GetFeedback(self, request: Any, context: Any) -> api.GetFeedbackResponse:
-        row = await self.service.get_feedback(request.tenant_id, request.feedback_id)
+        row = await self.service.feedback.get_feedback(request.tenant_id, request.feedback_id)
         return api.GetFeedbackResponse(feedback=mapping.feedback_message(row))
 
     async def ListFeedback(self, request: Any, context: Any) -> api.ListFeedbackResponse:
-        page = await self.service.list_feedback(
+        page = await self.service.feedback.list_feedback(
             request.tenant_id, request.filter, request.page.page_size, request.page.cursor
         )
         return api.ListFeedbackResponse(
@@ -238,7 +242,7 @@ class FeedbackServicer(FeedbackServiceServicer):
 
     async def GetFeedbackStats(self, request: Any, context: Any) -> api.GetFeedbackStatsResponse:
         groups = [STATS_GROUPS[g] for g in request.group_by if g in STATS_GROUPS]
-        buckets = await self.service.stats(request.tenant_id, request.filter, groups)
+        buckets = await self.service.reports.stats(request.tenant_id, request.filter, groups)
         return api.GetFeedbackStatsResponse(
             buckets=[
                 api.FeedbackStatsBucket(
@@ -262,7 +266,7 @@ class FeedbackServicer(FeedbackServiceServicer):
     async def ExportFeedback(
         self, request: Any, context: Any
     ) -> AsyncIterator[api.ExportFeedbackResponse]:
-        async for chunk in self.service.export(request.tenant_id, request.filter):
+        async for chunk in self.service.reports.export(request.tenant_id, request.filter):
             lines = [json.dumps(export_line(f, g), ensure_ascii=False) for f, g in chunk]
             yield api.ExportFeedbackResponse(
                 jsonl_chunk=("\n".join(lines) + "\n").encode(), line_count=len(lines)

@@ -1,0 +1,170 @@
+"""The base of the feedback domain's parts: tenant scoping, cursor paging, outbox events.
+
+Every query filters by the tenant it acts for, so one tenant's ids are simply not found
+from another (NotFound, never a hint that they exist).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
+from sqlalchemy import Select, and_, or_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from flywheel.core.db import SessionFactory
+from flywheel.core.errors import FieldError, InvalidArgument, NotFound
+from flywheel.core.events.outbox import add_event
+from flywheel.feedback.models import (
+    ApiKeyRow,
+    FeedbackRow,
+    GenerationRow,
+    TaskTypeRow,
+    TenantRow,
+    UserRow,
+)
+
+SOURCE_SERVICE = "feedback"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+EXPORT_CHUNK_ROWS = 500
+
+Row = TypeVar("Row", GenerationRow, FeedbackRow, UserRow, TenantRow, ApiKeyRow, TaskTypeRow)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing and the cursor of the next (empty at the end)."""
+
+    items: list[T]
+    next_cursor: str
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware (UTC)."""
+    return datetime.now(UTC)
+
+
+def encode_cursor(created_at: datetime, ident: str) -> str:
+    """An opaque cursor for the position after (created_at, ident)."""
+    raw = f"{created_at.isoformat()}|{ident}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor stands for; InvalidArgument if it is not ours."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, ident = base64.urlsafe_b64decode(padded).decode().split("|", 1)
+        created = datetime.fromisoformat(stamp)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(FieldError("page.cursor", "is not a cursor this API issued")) from exc
+    return created, ident
+
+
+def page_size_of(size: int) -> int:
+    """The page size asked for, defaulted and bounded."""
+    if size > MAX_PAGE_SIZE:
+        raise InvalidArgument(FieldError("page.page_size", f"must be at most {MAX_PAGE_SIZE}"))
+    return size or DEFAULT_PAGE_SIZE
+
+
+class Store:
+    """What every part of the domain shares: sessions, tenant scoping, paging, events."""
+
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        *,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sessions = sessions
+        # Called after a transaction with events committed: wakes the outbox relay.
+        self.on_commit = on_commit
+
+    async def tenant(self, session: AsyncSession, tenant_id: str) -> TenantRow:
+        """The tenant, or NotFound."""
+        row = await session.get(TenantRow, tenant_id)
+        if row is None:
+            raise NotFound("tenant", tenant_id)
+        return row
+
+    async def scoped_get(
+        self, session: AsyncSession, model: type[Row], tenant_id: str, ident: str, kind: str
+    ) -> Row:
+        """The tenant's object ``ident`` of ``model``, or NotFound."""
+        row = await session.get(model, ident)
+        # Another tenant's object answers exactly like a missing one.
+        if row is None or row.tenant_id != tenant_id:
+            raise NotFound(kind, ident)
+        return row
+
+    def event(self, session: AsyncSession, tenant_id: str, payload: Message) -> None:
+        """Stage ``payload`` in the outbox of ``session``'s transaction."""
+        add_event(session, tenant_id, payload, source_service=SOURCE_SERVICE)
+
+    async def page(
+        self,
+        session: AsyncSession,
+        statement: Select[tuple[Row]],
+        model: type[Row],
+        id_column: Any,
+        page_size: int,
+        cursor: str,
+    ) -> Page[Row]:
+        """One page of ``statement``, newest first, after ``cursor``."""
+        size = page_size_of(page_size)
+        if cursor:
+            created, ident = decode_cursor(cursor)
+            statement = statement.where(
+                or_(
+                    model.created_at < created,
+                    and_(model.created_at == created, id_column < ident),
+                )
+            )
+        statement = statement.order_by(model.created_at.desc(), id_column.desc()).limit(size + 1)
+        rows = list((await session.scalars(statement)).all())
+        more = len(rows) > size
+        rows = rows[:size]
+        last = rows[-1] if more else None
+        return Page(
+            rows, encode_cursor(last.created_at, getattr(last, id_column.key)) if last else ""
+        )
+
+
+async def once_despite_races(create: Callable[[], Awaitable[T]]) -> T:
+    """Run ``create``; if a concurrent request inserted the same client id first, run it again.
+
+    The second run finds the row the other request committed and returns it, so a retried
+    request never fails and never creates a second record.
+    """
+    try:
+        return await create()
+    except IntegrityError:
+        return await create()
+
+
+def has_field(message: Message, field: str) -> bool:
+    """``HasField`` for a field named at run time (the stubs want a literal)."""
+    return bool(message.HasField(field))
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` with a timezone (SQLite hands back naive datetimes, which are UTC)."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def time_range(statement: Select[tuple[Row]], column: Any, flt: Any) -> Select[tuple[Row]]:
+    """``statement`` limited to ``flt.created`` (start inclusive, end exclusive)."""
+    if flt.HasField("created"):
+        if flt.created.HasField("start"):
+            statement = statement.where(column >= flt.created.start.ToDatetime(UTC))
+        if flt.created.HasField("end"):
+            statement = statement.where(column < flt.created.end.ToDatetime(UTC))
+    return statement
