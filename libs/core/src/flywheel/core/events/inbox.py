@@ -33,18 +33,16 @@ class ProcessedEvent(Base):
 async def claim_events(session: AsyncSession, group: str, event_ids: Iterable[str]) -> set[str]:
     """Record ``event_ids`` as applied by ``group``; return those not claimed before.
 
-    Call it inside the transaction that applies the effects, and apply only the returned ids.
+    Call it inside the transaction that applies the effects, and apply each returned id
+    once: a batch may hold the same event twice (a relay republished it), and only one of
+    those deliveries may take effect.
     """
     rows = [{"consumer_group": group, "event_id": eid} for eid in dict.fromkeys(event_ids)]
     if not rows:
         return set()
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = (
-        insert(ProcessedEvent)
-        .values(rows)
-        .on_conflict_do_nothing()
-        .returning(ProcessedEvent.event_id)
-    )
-    result = await session.execute(statement)
+    # Rows as parameters, not .values(rows): the statement stays the same, so it is cached.
+    statement = insert(ProcessedEvent).on_conflict_do_nothing().returning(ProcessedEvent.event_id)
+    result = await session.execute(statement, rows)
     return set(result.scalars())

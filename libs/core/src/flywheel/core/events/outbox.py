@@ -26,7 +26,8 @@ class OutboxEvent(Base):
     __tablename__ = "outbox"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(36), unique=True)
+    # The sentinel lets SQLAlchemy send many staged rows as one INSERT on SQLite too.
+    event_id: Mapped[str] = mapped_column(String(36), unique=True, insert_sentinel=True)
     topic: Mapped[str] = mapped_column(String(200))
     key: Mapped[str] = mapped_column(String(200))
     event_type: Mapped[str] = mapped_column(String(100))

@@ -60,12 +60,14 @@ class OutboxRelay:
 
     async def publish_pending(self) -> int:
         """Publish one batch of unpublished rows; return how many were published."""
+        o = OutboxEvent
         async with self.sessions() as session, session.begin():
+            # Plain columns, not ORM objects: the relay never changes a row through the session.
             rows = (
-                await session.scalars(
-                    select(OutboxEvent)
-                    .where(OutboxEvent.published_at.is_(None))
-                    .order_by(OutboxEvent.id)
+                await session.execute(
+                    select(o.id, o.topic, o.key, o.value, o.event_id, o.event_type)
+                    .where(o.published_at.is_(None))
+                    .order_by(o.id)
                     .limit(self.batch_size)
                     # On PostgreSQL a second relay (another replica) waits here rather than
                     # publishing the same rows out of order.
@@ -88,9 +90,10 @@ class OutboxRelay:
                 ]
             )
             await session.execute(
-                update(OutboxEvent)
-                .where(OutboxEvent.id.in_([row.id for row in rows]))
+                update(o)
+                .where(o.id.in_([row.id for row in rows]))
                 .values(published_at=datetime.now(UTC))
+                .execution_options(synchronize_session=False)
             )
         for topic, count in Counter(row.topic for row in rows).items():
             PUBLISHED.labels(topic).inc(count)
