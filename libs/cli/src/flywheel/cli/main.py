@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from flywheel.cli.services import ServicePorts, plan_ports
+from flywheel.cli import admin
+from flywheel.cli.services import GRPC_BASE_PORT, ServicePorts, plan_ports
 from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
 
 STACKS = ("embedded", "postgres+kafka")
@@ -147,12 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
     common(sub.add_parser("status", help="show the health of running services"))
+    admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``flywheel`` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "tenant":
+        return asyncio.run(admin.create_tenant(args.feedback, args.tenant_id, args.name))
+    if args.command == "key":
+        return asyncio.run(admin.create_key(args.feedback, args.tenant, args.role, args.name))
     command = {"up": cmd_up, "status": cmd_status, "demo": cmd_demo}[args.command]
     return asyncio.run(command(args))
 
