@@ -65,7 +65,9 @@ def create_engine(url: str, *, schema: str | None = None, pool_size: int = 10) -
     else:
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_size
-        kwargs["pool_pre_ping"] = True
+        # No pre-ping: it costs a round trip per checkout; a dead connection fails its
+        # statement instead, is discarded, and the caller's transaction is retried or fails.
+        kwargs["pool_recycle"] = 1800
         if schema:
             kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
     engine = create_async_engine(url, **kwargs)

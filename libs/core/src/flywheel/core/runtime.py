@@ -15,6 +15,8 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import uvloop
+
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.config import ServiceSettings
 from flywheel.core.db import SessionFactory, create_engine, session_factory
@@ -112,4 +114,4 @@ def run(build: Callable[[], ServiceRuntime]) -> None:
         await runtime.serve()
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+        uvloop.run(main())

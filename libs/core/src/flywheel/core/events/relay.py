@@ -43,6 +43,7 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         idle_interval_s: float = 0.05,
+        max_idle_interval_s: float = 1.0,
         max_backoff_s: float = 5.0,
         retention_s: float = 24 * 3600.0,
     ) -> None:
@@ -50,6 +51,7 @@ class OutboxRelay:
         self.bus = bus
         self.batch_size = batch_size
         self.idle_interval_s = idle_interval_s
+        self.max_idle_interval_s = max_idle_interval_s
         self.max_backoff_s = max_backoff_s
         self.retention_s = retention_s
         self._wakeup = asyncio.Event()
@@ -116,25 +118,32 @@ class OutboxRelay:
         return int(getattr(result, "rowcount", 0) or 0)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Relay until ``stop`` is set, backing off while the bus is unavailable."""
-        backoff = self.idle_interval_s
+        """Relay until ``stop`` is set, backing off while the bus is unavailable.
+
+        An idle outbox is polled ever less often (up to ``max_idle_interval_s``): the
+        service's own writes call :meth:`wake`, so polling only catches rows committed by
+        another process; a failing bus backs off the same way up to ``max_backoff_s``.
+        """
+        wait = self.idle_interval_s
         rounds = 0
         while not stop.is_set():
             # Cleared before the round, so a wake() during it is not lost.
             self._wakeup.clear()
             try:
                 published = await self.publish_pending()
-                backoff = self.idle_interval_s
+                wait = (
+                    self.idle_interval_s if published else min(self.max_idle_interval_s, wait * 2)
+                )
                 rounds += 1
                 if rounds % 1000 == 0:
                     await self.purge_published()
             except Exception as exc:
                 PUBLISH_FAILURES.inc()
-                backoff = min(self.max_backoff_s, backoff * 2)
-                log.warning("outbox relay: publish failed, retrying in %.2fs: %r", backoff, exc)
+                wait = min(self.max_backoff_s, max(wait, self.idle_interval_s) * 2)
+                log.warning("outbox relay: publish failed, retrying in %.2fs: %r", wait, exc)
                 published = 0
             if published < self.batch_size:
-                await self._sleep(stop, backoff)
+                await self._sleep(stop, wait)
 
     async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
         wakers = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())]
