@@ -11,6 +11,7 @@ import uvicorn
 from flywheel.core.runtime import ServiceRuntime
 from flywheel.gateway.config import GatewaySettings
 from flywheel.gateway.http_api import create_app
+from flywheel.gateway.state import MIGRATIONS_DIR
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -24,10 +25,11 @@ class _EmbeddedUvicorn(uvicorn.Server):
 def build() -> ServiceRuntime:
     """The gateway's runtime, configured from the environment."""
     settings = GatewaySettings()
-    runtime = ServiceRuntime(settings)
+    # The runtime migrates the gateway's database (idempotency keys) before serving.
+    runtime = ServiceRuntime(settings, version_dirs=[MIGRATIONS_DIR])
     server = _EmbeddedUvicorn(
         uvicorn.Config(
-            create_app(settings),
+            create_app(settings, sessions=runtime.sessions),
             host=settings.host,
             port=settings.http_port,
             log_config=None,  # keep the runtime's JSON logging

@@ -1,0 +1,109 @@
+"""Typed dependencies of the REST handlers: the caller, what its role allows, the services.
+
+Roles (a key has exactly one):
+
+| role | may |
+|---|---|
+| rater | read generations; record, edit, retract and read feedback (human only) |
+| integrator | everything scoped to its tenant: users, task types, generations, feedback |
+| service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
+| admin | the admin endpoints (tenants and API keys of any tenant), nothing else |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from flywheel.gateway.auth import Principal, Role, secret_from_headers, unauthenticated
+from flywheel.gateway.problems import ProblemError
+from flywheel.gateway.ratelimit import retry_after
+from flywheel.gateway.state import state_of
+from flywheel.gateway.upstream import Rpc
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="An API key as a bearer token: `Authorization: Bearer <key>`.",
+)
+_api_key = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKey",
+    description="An API key in the X-API-Key header (alternative to the bearer token).",
+)
+
+
+async def resolve_principal(request: Request) -> Principal:
+    """Authenticate the request and spend a token of its key's rate limit, once per request."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is not None:
+        return principal
+    secret = secret_from_headers(
+        request.headers.get("authorization"), request.headers.get("x-api-key")
+    )
+    if secret is None:
+        raise unauthenticated("An API key is required.")
+    state = state_of(request)
+    principal = await state.authenticator.authenticate(secret)
+    wait = state.limits.take(principal.key_id)
+    if wait is not None:
+        raise ProblemError(
+            429,
+            "rate-limited",
+            "Too many requests for this API key; retry after the time in Retry-After.",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    request.state.principal = principal
+    return principal
+
+
+async def get_principal(
+    request: Request,
+    _bearer_credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    _api_key_header: Annotated[str | None, Security(_api_key)],
+) -> Principal:
+    """The authenticated caller (the security parameters document the two schemes)."""
+    return await resolve_principal(request)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def _allow(*roles: Role) -> Callable[[Principal], Principal]:
+    allowed = ", ".join(r.value for r in roles)
+
+    def check(principal: PrincipalDep) -> Principal:
+        if principal.role not in roles:
+            raise ProblemError(
+                403,
+                "forbidden",
+                f"A key with role '{principal.role.value}' may not do this (allowed: {allowed}).",
+            )
+        return principal
+
+    return check
+
+
+AdminDep = Annotated[Principal, Depends(_allow(Role.ADMIN))]
+IntegratorDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR))]
+GenerationReaderDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
+GenerationWriterDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR, Role.SERVICE))]
+FeedbackReaderDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
+FeedbackWriterDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR, Role.SERVICE))]
+# Edits and retractions are a person's (or the tenant application's) change of mind.
+FeedbackEditorDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
+
+
+def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
+    """Calls to the feedback service on behalf of the caller."""
+    state = state_of(request)
+    return Rpc(
+        state.upstreams.stub("feedback"), state.settings.upstream_timeout_s, principal.caller
+    )
+
+
+FeedbackRpcDep = Annotated[Rpc, Depends(get_feedback_rpc)]

@@ -1,0 +1,1 @@
+"""Admin endpoints: tenants and their API keys."""

@@ -1,0 +1,99 @@
+"""REST schema pieces shared by every feature: base models, bounded scalars, pages."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from fastapi import Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
+
+T = TypeVar("T")
+
+# Protobuf timestamps cover 0001..9999; REST accepts the range every backend stores safely.
+_MIN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_TIME = datetime(9999, 12, 31, tzinfo=UTC)
+_MAX_METADATA_DEPTH = 16
+_FLOAT32_MAX = 3.4e38
+
+
+class RequestModel(BaseModel):
+    """A request body: unknown fields (``tenant_id``, ``role``, ids the server assigns) are
+    rejected, naming the field, rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResponseModel(BaseModel):
+    """A response body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+def _in_range(value: datetime) -> datetime:
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not _MIN_TIME <= aware <= _MAX_TIME:
+        raise ValueError("must be between 1970-01-01 and 9999-12-31")
+    return aware
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _shallow(value: dict[str, Any]) -> dict[str, Any]:
+    if _depth(value) > _MAX_METADATA_DEPTH:
+        raise ValueError(f"must be nested at most {_MAX_METADATA_DEPTH} levels deep")
+    return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Timestamp = Annotated[datetime, AfterValidator(_in_range)]
+"""A point in time (RFC 3339); without an offset it is taken as UTC."""
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_shallow)]
+"""Free-form JSON object kept as given (numbers come back as floats)."""
+
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+Double = Annotated[float, Strict(), AfterValidator(_finite)]
+Float32 = Annotated[float, Strict(), Field(ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)]
+UInt32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]
+Int32 = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+Id = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class AdapterRef(BaseModel):
+    """One immutable adapter version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    version: str = Field("", max_length=200)
+
+
+class Page(ResponseModel, Generic[T]):
+    """One page of a listing, newest first."""
+
+    items: list[T]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+Cursor = Annotated[
+    str | None,
+    Query(max_length=4096, description="`next_cursor` of the previous page; omit for the first."),
+]
+Limit = Annotated[int, Query(ge=1, le=500, description="Maximum number of items to return.")]

@@ -1,0 +1,1 @@
+"""Feedback on generations: record, edit, retract, read, list, stats, export."""

@@ -1,0 +1,1 @@
+"""Generations: the model outputs feedback attaches to."""
