@@ -34,8 +34,8 @@ async def _claims_after_rollback(engine: AsyncEngine) -> set[str]:
 async def test_migrations_create_exactly_the_modelled_tables(engine: AsyncEngine) -> None:
     # Core's tables only: other tests may have put services' models on Base.metadata.
     core = MetaData(naming_convention=Base.metadata.naming_convention)
-    for table in (outbox.OutboxEvent.__table__, ProcessedEvent.__table__):
-        table.to_metadata(core)
+    for name in (outbox.OutboxEvent.__tablename__, ProcessedEvent.__tablename__):
+        Base.metadata.tables[name].to_metadata(core)
 
     def diff(sync_conn: object) -> list[object]:
         context = MigrationContext.configure(sync_conn)  # type: ignore[arg-type]
