@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -52,9 +53,13 @@ async def test_create_database_gives_isolated_databases(postgres: LocalPostgres)
         postgres.drop_database(f"iso_b_{suffix}")
 
 
-async def test_postgres_restart_keeps_data(tmp_path: Path) -> None:
+async def test_postgres_restart_keeps_data() -> None:
     port = free_port()
-    with LocalPostgres(data_dir=tmp_path / "pg", port=port) as pg:
+    # Outside pytest's basetemp, which other sessions re-chmod (see pytest_plugin).
+    with (
+        tempfile.TemporaryDirectory(prefix="flywheel-pg-") as data_dir,
+        LocalPostgres(data_dir=Path(data_dir) / "pg", port=port) as pg,
+    ):
         assert pg.port == port
         url = pg.create_database("durable")
         engine = create_async_engine(url)

@@ -19,9 +19,13 @@ skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -32,19 +36,35 @@ KAFKA_BOOTSTRAP_ENV = "FLYWHEEL_TEST_KAFKA_BOOTSTRAP"
 KEEP_DATABASES_ENV = "FLYWHEEL_TEST_KEEP_DATABASES"
 
 
+@contextlib.contextmanager
+def _server_dir(prefix: str) -> Iterator[Path]:
+    """A data directory outside pytest's basetemp, removed afterwards.
+
+    Not under ``tmp_path_factory``: any pytest session that starts meanwhile re-chmods
+    ``/tmp/pytest-of-<user>`` to 0700 (locking the ``postgres`` user out of its own data
+    directory) and deletes old session directories, live servers' data included.
+    """
+    path = Path(tempfile.mkdtemp(prefix=f"flywheel-{prefix}-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+def postgres() -> Iterator[LocalPostgres]:
     """A running PostgreSQL server for the whole session."""
     url = os.environ.get(POSTGRES_URL_ENV)
     if url:
         yield LocalPostgres.attach(url)
         return
-    pg = LocalPostgres(data_dir=tmp_path_factory.mktemp("postgres"))
-    try:
-        pg.start()
-        yield pg
-    finally:
-        pg.stop()
+    with _server_dir("postgres") as data_dir:
+        pg = LocalPostgres(data_dir=data_dir)
+        try:
+            pg.start()
+            yield pg
+        finally:
+            pg.stop()
 
 
 @pytest.fixture
@@ -58,26 +78,28 @@ def pg_url(postgres: LocalPostgres) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+def kafka() -> Iterator[LocalKafka]:
     """A running single-node Kafka broker shared by the whole session."""
     bootstrap = os.environ.get(KAFKA_BOOTSTRAP_ENV)
     if bootstrap:
         yield LocalKafka.attach(bootstrap)
         return
-    broker = LocalKafka(data_dir=tmp_path_factory.mktemp("kafka"))
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
+    with _server_dir("kafka") as data_dir:
+        broker = LocalKafka(data_dir=data_dir)
+        try:
+            broker.start()
+            yield broker
+        finally:
+            broker.stop()
 
 
 @pytest.fixture
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+def kafka_broker() -> Iterator[LocalKafka]:
     """A dedicated, fresh Kafka broker for this test, which may stop/restart it."""
-    broker = LocalKafka(data_dir=tmp_path_factory.mktemp("kafka_broker"))
-    try:
-        broker.start()
-        yield broker
-    finally:
-        broker.stop()
+    with _server_dir("kafka-broker") as data_dir:
+        broker = LocalKafka(data_dir=data_dir)
+        try:
+            broker.start()
+            yield broker
+        finally:
+            broker.stop()
