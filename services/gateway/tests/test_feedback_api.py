@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 MakeTenant = Callable[..., Awaitable[Any]]
 
@@ -349,3 +351,38 @@ async def test_feedback_of_a_key_bound_to_a_user_is_attributed(
         headers=gateway.auth(bo),
     )
     assert other.status_code == 403
+
+
+async def test_concurrent_feedback_is_recorded_in_batches(
+    gateway: Any, make_tenant: MakeTenant
+) -> None:
+    acme = await make_tenant("acme")
+    gid = (await gateway.log_generation(acme.integrator))["generation_id"]
+    labels = {
+        "service": "flywheel.contracts.feedback.v1.FeedbackService",
+        "method": "BatchRecordFeedback",
+        "code": "OK",
+    }
+    before = REGISTRY.get_sample_value("flywheel_grpc_server_handled_total", labels) or 0.0
+    bodies: list[dict[str, Any]] = [
+        {"generation_id": gid, "thumbs": "up" if i % 2 else "down"} for i in range(30)
+    ]
+    bodies += [{"generation_id": "missing", "rating": 3}] * 5
+    bodies += [{"generation_id": gid, "comment": "   "}] * 5
+    responses = await asyncio.gather(
+        *(
+            gateway.client.post("/v1/feedback", json=body, headers=gateway.auth(acme.rater))
+            for body in bodies
+        )
+    )
+    assert [r.status_code for r in responses] == [201] * 30 + [404] * 5 + [422] * 5
+    for response in responses[35:]:
+        assert [e["field"] for e in response.json()["errors"]] == ["comment"]
+    assert len({r.json()["feedback_id"] for r in responses[:30]}) == 30
+    calls = (REGISTRY.get_sample_value("flywheel_grpc_server_handled_total", labels) or 0) - before
+    # Fewer calls than requests: concurrent POSTs shared transactions.
+    assert 1 <= calls < len(bodies)
+    listed = await gateway.client.get(
+        "/v1/feedback", params={"limit": 100}, headers=gateway.auth(acme.rater)
+    )
+    assert len(listed.json()["items"]) == 30

@@ -130,6 +130,9 @@ async def test_openapi_documents_every_operation(gateway: Any) -> None:
         assert op["responses"]["401"]["content"]["application/problem+json"], where
         content = op["responses"][ok[0]].get("content", {})
         assert content, where
+        if method == "post":
+            names = [p["name"] for p in op.get("parameters", [])]
+            assert "Idempotency-Key" in names, where
     feedback_body = schema["paths"]["/v1/feedback"]["post"]["requestBody"]
     ref = feedback_body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     create = schema["components"]["schemas"][ref]

@@ -118,6 +118,14 @@ async def test_422_names_rest_fields(gateway: Any, make_tenant: MakeTenant) -> N
         await post_feedback({"generation_id": gid, "thumbs": "up", "metadata": {"x": "y" * 20_000}})
     ) == ["metadata"]
 
+    response = await client.post(
+        "/v1/feedback",
+        content=b'{"generation_id": "g", "thumbs": "up", "metadata": {"n": [1e400, 1%s]}}'
+        % (b"0" * 400),
+        headers={**rater, "Content-Type": "application/json"},
+    )
+    assert fields(response) == ["metadata"]
+
     integrator = gateway.auth(acme.integrator)
     bad_task = gateway.generation_body(task="Bad Task")
     response = await client.post("/v1/generations", json=bad_task, headers=integrator)
@@ -173,7 +181,7 @@ async def test_422_names_rest_fields(gateway: Any, make_tenant: MakeTenant) -> N
     response = await client.post("/v1/tenants", json={"tenant_id": "Not A Slug"}, headers=admin)
     assert fields(response) == ["tenant_id"]
     response = await client.post(
-        f"/v1/tenants/{acme.tenant_id}/api-keys", json={"role": "owner"}, headers=admin
+        f"/v1/tenants/{acme.tenant_id}/api-keys", json={"role": "owner", "name": "k"}, headers=admin
     )
     assert fields(response) == ["role"]
 
@@ -264,3 +272,16 @@ async def test_413_when_content_length_lies_low(
         headers={**gateway.auth(acme.rater), header: "10", "Content-Type": "application/json"},
     )
     problem(response, 413)
+
+
+async def test_unexpected_errors_are_500_problems(gateway: Any) -> None:
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    gateway.app.add_api_route("/boom", boom)
+    transport = httpx.ASGITransport(app=gateway.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.get("/boom")
+    body = problem(response, 500)
+    assert body["type"] == "urn:flywheel:problem:internal-error"
+    assert "bug" not in response.text

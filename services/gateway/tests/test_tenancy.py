@@ -115,7 +115,7 @@ async def test_mass_assignment_is_rejected_naming_the_field(
         (acme.integrator, "POST", "/v1/task-types",
          {"name": "x", "tenant_id": brandb.tenant_id}, ["tenant_id"]),
         (gateway.admin_secret, "POST", f"/v1/tenants/{acme.tenant_id}/api-keys",
-         {"role": "rater", "tenant_id": brandb.tenant_id, "secret": "chosen"},
+         {"role": "rater", "name": "k", "tenant_id": brandb.tenant_id, "secret": "chosen"},
          ["secret", "tenant_id"]),
     ]  # fmt: skip
     for secret, method, path, body, expected in cases:

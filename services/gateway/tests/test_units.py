@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import update
 
 from flywheel.core.db import create_engine, session_factory
@@ -64,44 +67,61 @@ def test_protobuf_paths_become_rest_fields() -> None:
     assert renamer({"a": ""})("a.b") == "b"
 
 
-async def test_idempotency_store_takes_over_stale_and_expired_keys(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'gw.sqlite3'}")
-    await upgrade(engine, None, [MIGRATIONS_DIR])
-    sessions = session_factory(engine)
-    store = IdempotencyStore(sessions, ttl_s=3600, lock_timeout_s=60)
-    fp = Fingerprint("POST", "/v1/feedback", "0" * 64)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
+    """An idempotency store on a migrated gateway database of each backend."""
+    if request.param == "postgres":
+        url, schema = request.getfixturevalue("pg_url"), "gateway"
+    else:
+        url, schema = f"sqlite+aiosqlite:///{tmp_path / 'gw.sqlite3'}", None
+    engine = create_engine(url, schema=schema)
+    await upgrade(engine, schema, [MIGRATIONS_DIR])
     try:
-        first = await store.claim("key", "k1", fp)
-        assert first.outcome is Outcome.CLAIMED
-        assert (await store.claim("key", "k1", fp)).outcome is Outcome.IN_FLIGHT
-        other = Fingerprint("POST", "/v1/feedback", "1" * 64)
-        assert (await store.claim("key", "k1", other)).outcome is Outcome.MISMATCH
-
-        # The first request's process died: after the lock timeout a retry may run.
-        async with sessions() as session, session.begin():
-            await session.execute(
-                update(IdempotencyRecord).values(
-                    created_at=datetime.now(UTC) - timedelta(seconds=61)
-                )
-            )
-        second = await store.claim("key", "k1", fp)
-        assert second.outcome is Outcome.CLAIMED
-        # The dead holder cannot overwrite the new one's response.
-        await store.complete(first, 201, {}, b"stale")
-        await store.complete(second, 201, {"content-type": "application/json"}, b"{}")
-        replay = await store.claim("key", "k1", fp)
-        assert (replay.outcome, replay.status_code, replay.body) == (Outcome.REPLAY, 201, b"{}")
-        assert replay.headers == {"content-type": "application/json"}
-
-        async with sessions() as session, session.begin():
-            await session.execute(
-                update(IdempotencyRecord).values(expires_at=datetime.now(UTC) - timedelta(1))
-            )
-        assert (await store.claim("key", "k1", other)).outcome is Outcome.CLAIMED
-        async with sessions() as session, session.begin():
-            await session.execute(
-                update(IdempotencyRecord).values(expires_at=datetime.now(UTC) - timedelta(1))
-            )
-        assert await store.prune() == 1
+        yield IdempotencyStore(session_factory(engine), ttl_s=3600, lock_timeout_s=60)
     finally:
         await engine.dispose()
+
+
+async def test_idempotency_store_lets_one_of_many_racers_claim(store: IdempotencyStore) -> None:
+    fp = Fingerprint("POST", "/v1/generations", "0" * 64)
+    for round_ in range(20):
+        claims = await asyncio.gather(*(store.claim("key", f"k{round_}", fp) for _ in range(8)))
+        outcomes = sorted(c.outcome.value for c in claims)
+        assert outcomes == ["claimed"] + ["in_flight"] * 7
+
+
+async def test_idempotency_store_takes_over_stale_and_expired_keys(
+    store: IdempotencyStore,
+) -> None:
+    sessions = store.sessions
+    fp = Fingerprint("POST", "/v1/feedback", "0" * 64)
+    first = await store.claim("key", "k1", fp)
+    assert first.outcome is Outcome.CLAIMED
+    assert (await store.claim("key", "k1", fp)).outcome is Outcome.IN_FLIGHT
+    other = Fingerprint("POST", "/v1/feedback", "1" * 64)
+    assert (await store.claim("key", "k1", other)).outcome is Outcome.MISMATCH
+
+    # The first request's process died: after the lock timeout a retry may run.
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(IdempotencyRecord).values(created_at=datetime.now(UTC) - timedelta(seconds=61))
+        )
+    second = await store.claim("key", "k1", fp)
+    assert second.outcome is Outcome.CLAIMED
+    # The dead holder cannot overwrite the new one's response.
+    await store.complete(first, 201, {}, b"stale")
+    await store.complete(second, 201, {"content-type": "application/json"}, b"{}")
+    replay = await store.claim("key", "k1", fp)
+    assert (replay.outcome, replay.status_code, replay.body) == (Outcome.REPLAY, 201, b"{}")
+    assert replay.headers == {"content-type": "application/json"}
+
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(IdempotencyRecord).values(expires_at=datetime.now(UTC) - timedelta(1))
+        )
+    assert (await store.claim("key", "k1", other)).outcome is Outcome.CLAIMED
+    async with sessions() as session, session.begin():
+        await session.execute(
+            update(IdempotencyRecord).values(expires_at=datetime.now(UTC) - timedelta(1))
+        )
+    assert await store.prune() == 1

@@ -12,7 +12,7 @@ Roles (a key has exactly one):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -73,10 +73,11 @@ async def get_principal(
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def _allow(*roles: Role) -> Callable[[Principal], Principal]:
+def _allow(*roles: Role) -> Callable[[Principal], Awaitable[Principal]]:
     allowed = ", ".join(r.value for r in roles)
 
-    def check(principal: PrincipalDep) -> Principal:
+    # Dependencies are async so FastAPI runs them inline, not on its thread pool.
+    async def check(principal: PrincipalDep) -> Principal:
         if principal.role not in roles:
             raise ProblemError(
                 403,
@@ -98,7 +99,7 @@ FeedbackWriterDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRA
 FeedbackEditorDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
 
 
-def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
+async def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
     """Calls to the feedback service on behalf of the caller."""
     state = state_of(request)
     return Rpc(

@@ -17,9 +17,11 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import DateTime, Integer, LargeBinary, String, Text, delete, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -101,23 +103,24 @@ class IdempotencyStore:
         for _ in range(3):
             now = datetime.now(UTC)
             token = uuid.uuid4().hex
-            try:
-                async with self.sessions() as session, session.begin():
-                    session.add(
-                        IdempotencyRecord(
-                            api_key_id=api_key_id,
-                            idempotency_key=key,
-                            method=fingerprint.method,
-                            path=fingerprint.path,
-                            body_sha256=fingerprint.body_sha256,
-                            lock_token=token,
-                            created_at=now,
-                            expires_at=now + self.ttl,
-                        )
-                    )
+            values = {
+                "api_key_id": api_key_id,
+                "idempotency_key": key,
+                "method": fingerprint.method,
+                "path": fingerprint.path,
+                "body_sha256": fingerprint.body_sha256,
+                "lock_token": token,
+                "created_at": now,
+                "expires_at": now + self.ttl,
+            }
+            async with self.sessions() as session, session.begin():
+                # ON CONFLICT DO NOTHING rather than catching IntegrityError: the loser of a
+                # race learns it lost from the row count, and no failed statement is left
+                # to roll back (on SQLite that path has been seen to leave the write lock
+                # held by a pooled connection).
+                inserted = await session.execute(_insert_new(session, values))
+            if getattr(inserted, "rowcount", 0) == 1:
                 return Claim(Outcome.CLAIMED, api_key_id, key, token)
-            except IntegrityError:
-                pass
             async with self.sessions() as session, session.begin():
                 row = await session.get(IdempotencyRecord, (api_key_id, key))
                 if row is None:
@@ -196,3 +199,14 @@ class IdempotencyStore:
             IdempotencyRecord.lock_token == claim.lock_token,
             IdempotencyRecord.status_code.is_(None),
         )
+
+
+def _insert_new(session: AsyncSession, values: dict[str, object]) -> Any:
+    """INSERT of a new key that does nothing if the key exists (PostgreSQL and SQLite)."""
+    dialect = session.get_bind().dialect.name
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    return (
+        module.insert(IdempotencyRecord)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["api_key_id", "idempotency_key"])
+    )

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from flywheel.contracts.common.v1 import common_pb2
 from flywheel.gateway.deps import resolve_principal
@@ -36,8 +37,31 @@ IDEMPOTENCY_HEADER = "idempotency-key"
 MAX_IDEMPOTENCY_KEY = 255
 
 
+_IDEMPOTENCY_PARAMETER = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Makes a retry safe: the same key with the same request replays the first "
+    "response (`Idempotent-Replayed: true`) instead of running it again, for 24 hours per "
+    "API key. Reused for a different request: 422; while the first still runs: 409.",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY,
+        "pattern": "^[\\x20-\\x7e]+$",
+    },
+}
+
+
 class GatewayRoute(APIRoute):
     """An authenticated route whose JSON bodies are checked before FastAPI parses them."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        if "POST" in (self.methods or ()):
+            extra = dict(self.openapi_extra or {})
+            extra["parameters"] = [*extra.get("parameters", []), _IDEMPOTENCY_PARAMETER]
+            self.openapi_extra = extra
 
     def get_route_handler(self) -> Handler:
         handler = super().get_route_handler()
@@ -215,3 +239,16 @@ def next_cursor(page: Any) -> str | None:
 
 page_fields = renamer({"page.cursor": "cursor", "page.page_size": "limit"})
 """Field renamer of list requests: the page's protobuf fields are query parameters."""
+
+
+def json_response(
+    model: BaseModel, *, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """``model`` as a JSON response, serialised once (FastAPI's response_model pass skipped:
+    the model was validated when it was built)."""
+    return Response(
+        model.model_dump_json(),
+        status_code=status_code,
+        media_type="application/json",
+        headers=headers,
+    )

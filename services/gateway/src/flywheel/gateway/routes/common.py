@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -46,9 +47,28 @@ def _depth(value: Any) -> int:
     return 0
 
 
-def _shallow(value: dict[str, Any]) -> dict[str, Any]:
+def _numbers(value: Any) -> Iterator[float | int]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield value
+
+
+def _json_object(value: dict[str, Any]) -> dict[str, Any]:
+    # Stored as a protobuf Struct: numbers are doubles, nesting is bounded.
     if _depth(value) > _MAX_METADATA_DEPTH:
         raise ValueError(f"must be nested at most {_MAX_METADATA_DEPTH} levels deep")
+    for number in _numbers(value):
+        try:
+            finite = math.isfinite(float(number))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise ValueError("numbers must be finite and fit a 64-bit float")
     return value
 
 
@@ -61,7 +81,7 @@ def _finite(value: float) -> float:
 Timestamp = Annotated[datetime, AfterValidator(_in_range)]
 """A point in time (RFC 3339); without an offset it is taken as UTC."""
 
-Metadata = Annotated[dict[str, Any], AfterValidator(_shallow)]
+Metadata = Annotated[dict[str, Any], AfterValidator(_json_object)]
 """Free-form JSON object kept as given (numbers come back as floats)."""
 
 StrictInt = Annotated[int, Strict()]

@@ -34,7 +34,7 @@ class ApiKeyCreate(RequestModel):
     """An API key to issue for the tenant."""
 
     role: Role = Field(description="What the key may do: rater, integrator, admin or service.")
-    name: str = Field("", max_length=200, description='Human label ("rater ui").')
+    name: str = Field(min_length=1, max_length=200, description='Human label ("rater ui").')
     user_id: str | None = Field(None, max_length=200, description="The user the key acts as.")
     expires_at: Timestamp | None = Field(None, description="Unset: never expires.")
 

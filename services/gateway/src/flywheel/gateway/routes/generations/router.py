@@ -24,7 +24,7 @@ from flywheel.gateway.routes.generations.protocol import (
     GenerationBatch,
     GenerationCreate,
 )
-from flywheel.gateway.routing import next_cursor, page_request, v1_router
+from flywheel.gateway.routing import json_response, next_cursor, page_request, v1_router
 
 router = v1_router(tags=["generations"], extra_problems=(404,))
 
@@ -41,8 +41,8 @@ _Filter = Annotated[str | None, Query(max_length=200)]
     responses={200: {"description": "Already logged under this client_generation_id"}},
 )
 async def log_generation(
-    body: GenerationCreate, response: Response, caller: GenerationWriterDep, rpc: FeedbackRpcDep
-) -> Generation:
+    body: GenerationCreate, caller: GenerationWriterDep, rpc: FeedbackRpcDep
+) -> Response:
     reply = await rpc(
         rpc.stub.LogGeneration,
         service_pb2.LogGenerationRequest(
@@ -51,9 +51,11 @@ async def log_generation(
         fields=generation_fields,
     )
     generation = generation_of(reply.generation)
-    response.status_code = 201 if reply.created else 200
-    response.headers["Location"] = f"/v1/generations/{generation.generation_id}"
-    return generation
+    return json_response(
+        generation,
+        status_code=201 if reply.created else 200,
+        headers={"Location": f"/v1/generations/{generation.generation_id}"},
+    )
 
 
 @router.post(
