@@ -1,14 +1,4 @@
-"""Typed dependencies of the REST handlers: the caller, what its role allows, the services.
-
-Roles (a key has exactly one):
-
-| role | may |
-|---|---|
-| rater | read generations; record, edit, retract and read feedback (human only) |
-| integrator | everything scoped to its tenant: users, task types, generations, feedback |
-| service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
-| admin | the admin endpoints (tenants and API keys of any tenant), nothing else |
-"""
+"""Typed dependencies of the REST handlers: the caller, what its role allows, the services."""
 
 from __future__ import annotations
 
@@ -23,6 +13,14 @@ from flywheel.gateway.problems import ProblemError
 from flywheel.gateway.ratelimit import retry_after
 from flywheel.gateway.state import state_of
 from flywheel.gateway.upstream import Rpc
+
+ROLES_TABLE = """| role | may |
+|---|---|
+| rater | read generations; record, edit, retract and read feedback (human only) |
+| integrator | everything scoped to its tenant: users, task types, generations, feedback |
+| service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
+| admin | the admin endpoints (tenants and API keys of any tenant), nothing else |"""
+"""What each role may do; a key has exactly one."""
 
 _bearer = HTTPBearer(
     auto_error=False,

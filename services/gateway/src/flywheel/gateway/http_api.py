@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from flywheel.core.db import SessionFactory
 from flywheel.core.rpc import check_health
 from flywheel.gateway.config import GatewaySettings
-from flywheel.gateway.deps import __doc__ as ROLES_DOC
+from flywheel.gateway.deps import ROLES_TABLE
 from flywheel.gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
 from flywheel.gateway.problems import Problem, install_problem_handlers
 from flywheel.gateway.routes.admin.router import router as admin_router
@@ -32,7 +32,9 @@ another tenant's ids answer 404 exactly like ids that do not exist. A verified k
 cached for `FLYWHEEL_AUTH_CACHE_TTL_S` (30 s), so a revoked key may keep working on a
 gateway replica for up to that long.
 
-**Roles.** {(ROLES_DOC or "").split("Roles (a key has exactly one):", 1)[-1].strip()}
+**Roles.** A key has exactly one.
+
+{ROLES_TABLE}
 
 **Errors** are RFC 9457 problem details (`application/problem+json`) with `type`, `title`,
 `status`, `detail`, `instance` and, for invalid fields, `errors: [{{field, message}}]`.
