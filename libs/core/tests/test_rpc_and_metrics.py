@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import urllib.request
 
 from flywheel.core.rpc import check_health, start_grpc_server
@@ -21,12 +23,15 @@ async def test_health_and_rpc_metrics() -> None:
         assert await check_health(target) == "SERVING"
         assert await check_health(target, "flywheel.contracts.x.v1.X") == "SERVING"
         assert await check_health(target, "no.such.Service") == "SERVICE_UNKNOWN"
-        text = _scrape(metrics_port)
         ok = (
             'flywheel_grpc_server_handled_total{code="OK",method="Check",'
             'service="grpc.health.v1.Health"}'
         )
         not_found = ok.replace('code="OK"', 'code="NOT_FOUND"')
+        # The client may hold its answer before the server's interceptor has counted it.
+        deadline = time.monotonic() + 5
+        while not_found not in (text := _scrape(metrics_port)) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         assert ok in text
         assert not_found in text
         assert "flywheel_grpc_server_handling_seconds_bucket" in text
