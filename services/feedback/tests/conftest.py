@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,9 +9,9 @@ import grpc
 import pytest
 
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
-from flywheel.core.rpc import check_health
 from flywheel.core.runtime import ServiceRuntime
 from flywheel.core.testing.local_infra import free_port
+from flywheel.core.testing.services import serving
 from flywheel.feedback.server import build
 
 
@@ -25,18 +24,8 @@ async def feedback_runtime(
     monkeypatch.setenv("FLYWHEEL_METRICS_PORT", "0")
     if request.param == "postgres":
         monkeypatch.setenv("FLYWHEEL_DATABASE_URL", request.getfixturevalue("pg_url"))
-    runtime = build()
-    serving = asyncio.create_task(runtime.serve())
-    target = f"127.0.0.1:{runtime.settings.grpc_port}"
-    for _ in range(200):
-        if serving.done():
-            serving.result()
-        if await check_health(target, timeout_s=0.5) == "SERVING":
-            break
-        await asyncio.sleep(0.05)
-    yield runtime
-    runtime.stop.set()
-    await serving
+    async with serving(build()) as runtime:
+        yield runtime
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,9 +15,9 @@ from fastapi import FastAPI
 
 from flywheel.contracts.feedback.v1 import resources_pb2, service_pb2
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
-from flywheel.core.rpc import check_health
 from flywheel.core.runtime import ServiceRuntime
 from flywheel.core.testing.local_infra import free_port
+from flywheel.core.testing.services import serving
 from flywheel.feedback.server import build
 from flywheel.gateway.config import GatewaySettings
 from flywheel.gateway.http_api import create_app
@@ -33,18 +32,8 @@ async def feedback_runtime(
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "feedback"))
     monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
     monkeypatch.setenv("FLYWHEEL_METRICS_PORT", "0")
-    runtime = build()
-    serving = asyncio.create_task(runtime.serve())
-    target = f"127.0.0.1:{runtime.settings.grpc_port}"
-    for _ in range(200):
-        if serving.done():
-            serving.result()
-        if await check_health(target, timeout_s=0.5) == "SERVING":
-            break
-        await asyncio.sleep(0.05)
-    yield runtime
-    runtime.stop.set()
-    await serving
+    async with serving(build()) as runtime:
+        yield runtime
 
 
 @pytest.fixture
