@@ -33,9 +33,8 @@ from flywheel.feedback.models import (
 from flywheel.feedback.store import (
     Page,
     Store,
-    has_field,
+    filtered,
     once_despite_races,
-    time_range,
     utcnow,
 )
 from flywheel.feedback.validation import (
@@ -396,18 +395,9 @@ def _apply_value(row: FeedbackRow, kind: str, value: pb.FeedbackValue) -> None:
 def feedback_query(tenant_id: str, flt: FeedbackFilter) -> Select[tuple[FeedbackRow]]:
     """The tenant's feedback that ``flt`` selects (retracted only if it asks)."""
     f = FeedbackRow
-    statement = select(f).where(f.tenant_id == tenant_id)
-    for name, column in (
-        ("task", f.task),
-        ("user_id", f.user_id),
-        ("generation_id", f.generation_id),
-    ):
-        if has_field(flt, name):
-            statement = statement.where(column == getattr(flt, name))
-    if flt.HasField("adapter"):
-        statement = statement.where(f.adapter_name == flt.adapter.name)
-        if flt.adapter.version:
-            statement = statement.where(f.adapter_version == flt.adapter.version)
+    statement = filtered(
+        select(f).where(f.tenant_id == tenant_id), f, flt, ("task", "user_id", "generation_id")
+    )
     if flt.kinds:
         statement = statement.where(
             f.kind.in_([mapping.FEEDBACK_KIND_NAMES[k] for k in flt.kinds if k])
@@ -418,4 +408,4 @@ def feedback_query(tenant_id: str, flt: FeedbackFilter) -> Select[tuple[Feedback
         )
     if not flt.include_retracted:
         statement = statement.where(f.retracted_at.is_(None))
-    return time_range(statement, f.created_at, flt)
+    return statement

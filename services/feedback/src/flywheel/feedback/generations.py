@@ -22,9 +22,8 @@ from flywheel.feedback.models import (
 from flywheel.feedback.store import (
     Page,
     Store,
-    has_field,
+    filtered,
     once_despite_races,
-    time_range,
     utcnow,
 )
 from flywheel.feedback.validation import (
@@ -138,21 +137,12 @@ class Generations(Store):
     ) -> Page[GenerationRow]:
         """The tenant's generations matching ``flt``, newest first."""
         g = GenerationRow
-        statement = select(g).where(g.tenant_id == tenant_id)
-        for name, column in (
-            ("task", g.task),
-            ("user_id", g.user_id),
-            ("alias", g.alias),
-            ("prompt_hash", g.prompt_hash),
-            ("client_generation_id", g.client_generation_id),
-        ):
-            if has_field(flt, name):
-                statement = statement.where(column == getattr(flt, name))
-        if flt.HasField("adapter"):
-            statement = statement.where(g.adapter_name == flt.adapter.name)
-            if flt.adapter.version:
-                statement = statement.where(g.adapter_version == flt.adapter.version)
-        statement = time_range(statement, g.created_at, flt)
+        statement = filtered(
+            select(g).where(g.tenant_id == tenant_id),
+            g,
+            flt,
+            ("task", "user_id", "alias", "prompt_hash", "client_generation_id"),
+        )
         async with self.sessions() as session:
             await self.tenant(session, tenant_id)
             return await self.page(session, statement, g, g.generation_id, page_size, cursor)

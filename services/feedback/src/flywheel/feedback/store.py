@@ -168,3 +168,18 @@ def time_range(statement: Select[tuple[Row]], column: Any, flt: Any) -> Select[t
         if flt.created.HasField("end"):
             statement = statement.where(column < flt.created.end.ToDatetime(UTC))
     return statement
+
+
+def filtered(
+    statement: Select[tuple[Row]], model: Any, flt: Any, fields: tuple[str, ...]
+) -> Select[tuple[Row]]:
+    """``statement`` narrowed by a filter message: equality on ``fields`` that are set, the
+    adapter (name, and version if given) and the creation time range."""
+    for name in fields:
+        if has_field(flt, name):
+            statement = statement.where(getattr(model, name) == getattr(flt, name))
+    if flt.HasField("adapter"):
+        statement = statement.where(model.adapter_name == flt.adapter.name)
+        if flt.adapter.version:
+            statement = statement.where(model.adapter_version == flt.adapter.version)
+    return time_range(statement, model.created_at, flt)
