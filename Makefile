@@ -39,6 +39,7 @@ up: python-deps proto  ## run every service on loopback until Ctrl-C
 
 bench: setup  ## benchmarks (each prints a table and a JSON line)
 	$(UV) run python bench/events.py
+	$(UV) run python bench/ingest.py
 
 clean:  ## remove local state (.flywheel/) and generated code
 	rm -rf .flywheel libs/core/src/flywheel/contracts
