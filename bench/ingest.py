@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -78,6 +79,7 @@ class Load:
     socket_errors: int
     p50_ms: float
     p99_ms: float
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def acknowledged(self) -> int:
@@ -90,16 +92,69 @@ class Load:
         return self.acknowledged / self.duration_s
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CPU_PARTS = ("gateway", "feedback", "baseline app", "postgres", "kafka", "wrk", "other")
+
+
+def _part_of(pid: str) -> str:
+    """Which part of the benchmark process ``pid`` belongs to, from its command line."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    for needle, part in (
+        (b"flywheel.gateway", "gateway"), (b"flywheel.feedback", "feedback"),
+        (b"ingest_baseline_app", "baseline app"), (b"postgres", "postgres"),
+        (b"kafka", "kafka"), (b"wrk", "wrk"),
+    ):  # fmt: skip
+        if needle in cmdline:
+            return part
+    return "other"
+
+
+def cpu_by_part() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) each process on the machine has used so far, by part."""
+    usage: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # Fields after the parenthesised command name; utime and stime are 14 and 15.
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            usage[int(entry.name)] = (
+                _part_of(entry.name),
+                (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+            )
+    return usage
+
+
+def cpu_between(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds per part spent between two ``cpu_by_part`` snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (part, seconds) in after.items():
+        spent[part] = spent.get(part, 0.0) + seconds - before.get(pid, (part, 0.0))[1]
+    return spent
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds used by this process's waited-for children (wrk, once it has exited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_wrk(url: str, body: str, auth: str | None, seconds: float, connections: int) -> Load:
-    """Drive ``url`` with wrk for ``seconds``."""
+    """Drive ``url`` with wrk for ``seconds``, accounting the CPU every process spent meanwhile."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         header = f'wrk.headers["Authorization"] = "Bearer {auth}"' if auth else ""
         script.write(WRK_SCRIPT % {"body": body, "auth": header})
     try:
+        cpu_before, wrk_before = cpu_by_part(), _children_cpu_s()
         out = subprocess.run(
             ["wrk", "-t2", f"-c{connections}", f"-d{round(seconds)}s", "-s", script.name, url],
             capture_output=True, text=True, check=True, timeout=seconds + 60,
         ).stdout  # fmt: skip
+        cpu = cpu_between(cpu_before, cpu_by_part())
+        # wrk has exited by now, so /proc no longer shows it: it is this process's child.
+        cpu["wrk"] = _children_cpu_s() - wrk_before
     finally:
         os.unlink(script.name)
     line = next(line for line in out.splitlines() if line.startswith("WRK_JSON "))
@@ -111,6 +166,7 @@ def run_wrk(url: str, body: str, auth: str | None, seconds: float, connections: 
         socket_errors=data["socket_errors"],
         p50_ms=data["p50_us"] / 1000,
         p99_ms=data["p99_us"] / 1000,
+        cpu_s=cpu,
     )
 
 
@@ -251,6 +307,21 @@ def check_durable(name: str, load: Load, rows: int, connections: int) -> None:
         )
 
 
+def print_cpu(ours: Load, baseline: Load) -> None:
+    """CPU milliseconds per acknowledged request, by part: what bounds throughput here."""
+    cores = os.cpu_count() or 1
+    print(f"\nCPU ms per acknowledged request ({cores} cores on this machine)")
+    print(f"{'':<10} " + " ".join(f"{part:>12}" for part in (*CPU_PARTS, "total")))
+    for name, load in (("flywheel", ours), ("baseline", baseline)):
+        per = {part: 1000 * load.cpu_s.get(part, 0.0) / load.acknowledged for part in CPU_PARTS}
+        cells = [per[part] for part in CPU_PARTS] + [sum(per.values())]
+        print(f"{name:<10} " + " ".join(f"{cell:>12.3f}" for cell in cells))
+    # At full use of every core, throughput is at most cores / (CPU seconds per request).
+    for name, load in (("flywheel", ours), ("baseline", baseline)):
+        spent = sum(load.cpu_s.values()) / load.acknowledged
+        print(f"{name}: {cores} cores bound it at {cores / spent:.0f} POSTs/s")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both measurements and print the report."""
     parser = argparse.ArgumentParser(description="feedback ingest: Flywheel vs a bare endpoint")
@@ -303,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio: throughput {throughput_ratio:.2f}x (goal 3.0), p99 {latency_ratio:.2f}x (goal 1.0)"
     )
     print(f"durable: every acknowledged POST is a row; {ours_events} events for {ours_rows} rows")
+    print_cpu(ours, baseline)
     result = {
         "bench": "ingest",
         "results": [
