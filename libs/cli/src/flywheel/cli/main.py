@@ -17,6 +17,7 @@ from pathlib import Path
 from flywheel.cli import admin
 from flywheel.cli.services import GRPC_BASE_PORT, ServicePorts, plan_ports
 from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
+from flywheel.dataset import cli as dataset_cli
 
 STACKS = ("embedded", "postgres+kafka")
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
     common(sub.add_parser("status", help="show the health of running services"))
     admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
+    dataset_cli.add_parser(sub)
     return parser
 
 
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(admin.create_tenant(args.feedback, args.tenant_id, args.name))
     if args.command == "key":
         return asyncio.run(admin.create_key(args.feedback, args.tenant, args.role, args.name))
+    if args.command == "dataset":
+        return dataset_cli.run(args)
     command = {"up": cmd_up, "status": cmd_status, "demo": cmd_demo}[args.command]
     return asyncio.run(command(args))
 

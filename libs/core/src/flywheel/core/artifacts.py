@@ -59,6 +59,14 @@ class ArtifactStore(Protocol):
         """Artifacts whose key starts with ``prefix``."""
         ...
 
+    def uri(self, key: str) -> str:
+        """The URI an ``ArtifactRef`` carries for ``key``."""
+        ...
+
+    def key_of(self, uri: str) -> str:
+        """The key of one of this store's URIs; raises ``ArtifactError`` for others."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error if absent)."""
         ...
@@ -156,6 +164,19 @@ class LocalArtifactStore:
             key = sidecar.relative_to(self.root).as_posix().removesuffix(".sha256")
             if key.startswith(prefix) and self.exists(key):
                 yield self.info(key)
+
+    def uri(self, key: str) -> str:
+        """The URI an ``ArtifactRef`` carries for ``key`` (``file://...``)."""
+        return self._path(key).resolve().as_uri()
+
+    def key_of(self, uri: str) -> str:
+        """The key of an artifact URI of this store; raises for any other URI."""
+        root = self.root.resolve().as_uri() + "/"
+        if not uri.startswith(root):
+            raise ArtifactError(f"{uri!r} is not in this artifact store")
+        key = uri.removeprefix(root)
+        self._path(key)  # refuses keys that climb out
+        return key
 
     def delete(self, key: str) -> None:
         """Remove ``key`` and its checksum."""

@@ -15,6 +15,7 @@ from flywheel.core.db import SessionFactory
 from flywheel.core.errors import (
     AlreadyExists,
 )
+from flywheel.core.paging import Page, utcnow
 from flywheel.feedback import mapping
 from flywheel.feedback.models import (
     ApiKeyRow,
@@ -23,10 +24,8 @@ from flywheel.feedback.models import (
     UserRow,
 )
 from flywheel.feedback.store import (
-    Page,
     Store,
     as_utc,
-    utcnow,
 )
 from flywheel.feedback.validation import (
     MAX_ID_CHARS,

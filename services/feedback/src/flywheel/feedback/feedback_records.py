@@ -24,6 +24,7 @@ from flywheel.core.errors import (
     InvalidArgument,
     NotFound,
 )
+from flywheel.core.paging import Page, utcnow
 from flywheel.feedback import mapping
 from flywheel.feedback.models import (
     FeedbackRevisionRow,
@@ -31,11 +32,9 @@ from flywheel.feedback.models import (
     GenerationRow,
 )
 from flywheel.feedback.store import (
-    Page,
     Store,
     filtered,
     once_despite_races,
-    utcnow,
 )
 from flywheel.feedback.validation import (
     MAX_COMMENT_CHARS,

@@ -14,17 +14,16 @@ from flywheel.contracts.feedback.v1.service_pb2 import (
     GenerationFilter,
     GenerationInput,
 )
+from flywheel.core.paging import Page, utcnow
 from flywheel.feedback import mapping
 from flywheel.feedback.models import (
     GenerationRow,
     TaskTypeRow,
 )
 from flywheel.feedback.store import (
-    Page,
     Store,
     filtered,
     once_despite_races,
-    utcnow,
 )
 from flywheel.feedback.validation import (
     MAX_ID_CHARS,

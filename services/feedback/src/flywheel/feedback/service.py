@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from flywheel.core.db import SessionFactory
+from flywheel.core.paging import Page
 from flywheel.feedback.accounts import Accounts
 from flywheel.feedback.feedback_records import FeedbackInput, FeedbackRecords
 from flywheel.feedback.generations import Generations
 from flywheel.feedback.reports import Reports
-from flywheel.feedback.store import Page
 
 __all__ = ["FeedbackInput", "FeedbackService", "Page"]
 

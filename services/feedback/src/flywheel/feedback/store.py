@@ -6,11 +6,9 @@ from another (NotFound, never a hint that they exist).
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import Select, and_, or_
@@ -18,8 +16,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from flywheel.core.db import SessionFactory
-from flywheel.core.errors import FieldError, InvalidArgument, NotFound
+from flywheel.core.errors import NotFound
 from flywheel.core.events.outbox import add_event
+from flywheel.core.paging import (
+    Page,
+    decode_cursor,
+    encode_cursor,
+    page_size_of,
+)
 from flywheel.feedback.models import (
     ApiKeyRow,
     FeedbackRow,
@@ -30,49 +34,10 @@ from flywheel.feedback.models import (
 )
 
 SOURCE_SERVICE = "feedback"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 EXPORT_CHUNK_ROWS = 500
 
 Row = TypeVar("Row", GenerationRow, FeedbackRow, UserRow, TenantRow, ApiKeyRow, TaskTypeRow)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
-    """One page of a listing and the cursor of the next (empty at the end)."""
-
-    items: list[T]
-    next_cursor: str
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware (UTC)."""
-    return datetime.now(UTC)
-
-
-def encode_cursor(created_at: datetime, ident: str) -> str:
-    """An opaque cursor for the position after (created_at, ident)."""
-    raw = f"{created_at.isoformat()}|{ident}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """The position a cursor stands for; InvalidArgument if it is not ours."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        stamp, ident = base64.urlsafe_b64decode(padded).decode().split("|", 1)
-        created = datetime.fromisoformat(stamp)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(FieldError("page.cursor", "is not a cursor this API issued")) from exc
-    return created, ident
-
-
-def page_size_of(size: int) -> int:
-    """The page size asked for, defaulted and bounded."""
-    if size > MAX_PAGE_SIZE:
-        raise InvalidArgument(FieldError("page.page_size", f"must be at most {MAX_PAGE_SIZE}"))
-    return size or DEFAULT_PAGE_SIZE
 
 
 class Store:

@@ -11,11 +11,10 @@ from collections.abc import Iterable
 from datetime import datetime
 
 from sqlalchemy import DateTime, String, func
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from flywheel.core.db import Base
+from flywheel.core.db import Base, insert_ignoring_conflicts
 
 
 class ProcessedEvent(Base):
@@ -40,9 +39,9 @@ async def claim_events(session: AsyncSession, group: str, event_ids: Iterable[st
     rows = [{"consumer_group": group, "event_id": eid} for eid in dict.fromkeys(event_ids)]
     if not rows:
         return set()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     # Rows as parameters, not .values(rows): the statement stays the same, so it is cached.
-    statement = insert(ProcessedEvent).on_conflict_do_nothing().returning(ProcessedEvent.event_id)
+    statement = insert_ignoring_conflicts(session, ProcessedEvent).returning(
+        ProcessedEvent.event_id
+    )
     result = await session.execute(statement, rows)
     return set(result.scalars())
