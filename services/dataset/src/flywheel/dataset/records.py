@@ -6,6 +6,8 @@ the CLI from a feedback JSONL export, and the curation steps only ever see these
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +34,7 @@ class GenerationText:
     output: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FeedbackFact:
     """One feedback as it stood at the build's cutoff (its latest version by then)."""
 
@@ -172,4 +174,28 @@ def fact_from_columns(columns: dict[str, Any]) -> FeedbackFact:
         generation_b_id=columns["generation_b_id"],
         correction=columns["correction"],
         dimension_scores=tuple((str(d), float(s)) for d, s in columns["dimension_scores"] or ()),
+    )
+
+
+def fact_from_row(row: Sequence[Any]) -> FeedbackFact:
+    """A fact from the ledger's columns, in ``ledger``'s order (scores as JSON text)."""
+    (event_id, feedback_id, generation_id, task, kind, source, occurred, thumbs_up, rating,
+     choice, strength, generation_b_id, correction, scores) = row  # fmt: skip
+    return FeedbackFact(
+        event_id,
+        feedback_id,
+        generation_id,
+        task,
+        kind,
+        source,
+        occurred if occurred.tzinfo else occurred.replace(tzinfo=UTC),
+        thumbs_up,
+        rating,
+        choice,
+        strength,
+        generation_b_id,
+        correction,
+        ()
+        if not scores or scores == "[]"
+        else tuple((str(d), float(x)) for d, x in json.loads(scores)),
     )
