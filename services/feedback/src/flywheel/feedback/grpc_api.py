@@ -31,12 +31,16 @@ def _page(page: Page[Any]) -> PageResponse:
     return PageResponse(next_cursor=page.next_cursor)
 
 
-def export_line(feedback: FeedbackRow, generation: GenerationRow) -> dict[str, Any]:
-    """One JSONL line of an export: the feedback with the generation it judges."""
+def export_line(
+    feedback: FeedbackRow, generation: GenerationRow, generation_b: GenerationRow | None = None
+) -> dict[str, Any]:
+    """One JSONL line of an export: the feedback with the generation(s) it judges."""
     line = mapping.to_json(mapping.feedback_message(feedback))
     line["source"] = mapping.source_string(feedback.source_kind, feedback.critic)
     line["kind"] = feedback.kind
     line["generation"] = mapping.to_json(mapping.generation_message(generation))
+    if generation_b is not None:
+        line["generation_b"] = mapping.to_json(mapping.generation_message(generation_b))
     return dict(line)
 
 
@@ -267,7 +271,7 @@ class FeedbackServicer(FeedbackServiceServicer):
         self, request: Any, context: Any
     ) -> AsyncIterator[api.ExportFeedbackResponse]:
         async for chunk in self.service.reports.export(request.tenant_id, request.filter):
-            lines = [json.dumps(export_line(f, g), ensure_ascii=False) for f, g in chunk]
+            lines = [json.dumps(export_line(*row), ensure_ascii=False) for row in chunk]
             yield api.ExportFeedbackResponse(
                 jsonl_chunk=("\n".join(lines) + "\n").encode(), line_count=len(lines)
             )

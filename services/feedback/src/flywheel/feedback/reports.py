@@ -89,8 +89,9 @@ class Reports(Store):
 
     async def export(
         self, tenant_id: str, flt: FeedbackFilter
-    ) -> AsyncIterator[list[tuple[FeedbackRow, GenerationRow]]]:
-        """The tenant's feedback with its generation, oldest first, in chunks."""
+    ) -> AsyncIterator[list[tuple[FeedbackRow, GenerationRow, GenerationRow | None]]]:
+        """The tenant's feedback with its generation (and a preference's side B), oldest
+        first, in chunks."""
         async with self.sessions() as session:
             await self.tenant(session, tenant_id)
         after: tuple[datetime, str] | None = None
@@ -112,8 +113,19 @@ class Reports(Store):
                 )
             async with self.sessions() as session:
                 rows = [(fb, gen) for fb, gen in (await session.execute(statement)).all()]
+                # Side B of each preference, so the export alone can rebuild the pairs.
+                b_ids = {fb.generation_b_id for fb, _ in rows if fb.generation_b_id}
+                sides_b = {
+                    g.generation_id: g
+                    for g in await session.scalars(
+                        select(GenerationRow).where(
+                            GenerationRow.tenant_id == tenant_id,
+                            GenerationRow.generation_id.in_(b_ids),
+                        )
+                    )
+                }
             if not rows:
                 return
-            yield rows
+            yield [(fb, gen, sides_b.get(fb.generation_b_id or "")) for fb, gen in rows]
             last = rows[-1][0]
             after = (last.created_at, last.feedback_id)
