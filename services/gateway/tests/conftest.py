@@ -1,4 +1,5 @@
-"""The gateway in-process over a real feedback service (gRPC, SQLite, outbox) per test."""
+"""The gateway in-process over a real feedback service (gRPC, SQLite, outbox) per test,
+and, for the tests that ask for it, a real dataset service on the same event log."""
 
 from __future__ import annotations
 
@@ -39,6 +40,29 @@ async def feedback_runtime(
 @pytest.fixture
 def feedback_target(feedback_runtime: ServiceRuntime) -> str:
     return f"127.0.0.1:{feedback_runtime.settings.grpc_port}"
+
+
+@pytest.fixture
+async def dataset_runtime(
+    feedback_runtime: ServiceRuntime, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ServiceRuntime]:
+    """The real dataset service, in the feedback service's data dir: its own SQLite file,
+    the same embedded event log, so its consumer sees the feedback events."""
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(feedback_runtime.settings.data_dir))
+    monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
+    monkeypatch.setenv("FLYWHEEL_METRICS_PORT", "0")
+    # Tests build snapshots themselves; a policy firing meanwhile would add its own.
+    monkeypatch.setenv("FLYWHEEL_POLICY_ENABLED", "false")
+    # Imported here: only the tests that start a dataset service depend on it.
+    from flywheel.dataset.server import build as build_dataset
+
+    async with serving(build_dataset()) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def dataset_target(dataset_runtime: ServiceRuntime) -> str:
+    return f"127.0.0.1:{dataset_runtime.settings.grpc_port}"
 
 
 @pytest.fixture

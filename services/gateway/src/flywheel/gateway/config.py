@@ -29,6 +29,12 @@ class GatewaySettings(ServiceSettings):
     upstream_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of each unary gRPC call to a service behind the gateway."
     )
+    dataset_build_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Deadline of dataset calls that curate the tenant's feedback (build, "
+        "preview, diff, training requests), which take longer than a lookup on big tenants.",
+    )
     max_body_bytes: int = Field(
         1024 * 1024,
         ge=1,
@@ -57,10 +63,11 @@ class GatewaySettings(ServiceSettings):
         24 * 3600.0, gt=0, description="How long an Idempotency-Key and its response are kept."
     )
     idempotency_lock_timeout_s: float = Field(
-        60.0,
+        180.0,
         gt=0,
         description="An Idempotency-Key still in flight after this long is taken to belong to "
-        "a crashed request, and a retry may run again. Keep it above upstream_timeout_s.",
+        "a crashed request, and a retry may run again. Keep it above upstream_timeout_s "
+        "and dataset_build_timeout_s.",
     )
     feedback_batch_max_items: int = Field(
         128,

@@ -17,9 +17,9 @@ from flywheel.gateway.upstream import Rpc
 ROLES_TABLE = """| role | may |
 |---|---|
 | rater | read generations; record, edit, retract and read feedback (human only) |
-| integrator | everything scoped to its tenant: users, task types, generations, feedback |
+| integrator | everything scoped to its tenant: users, task types, generations, feedback, datasets |
 | service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
-| admin | the admin endpoints (tenants and API keys of any tenant), nothing else |"""
+| admin | the admin endpoints (tenants and API keys of any tenant); its own tenant's datasets |"""
 """What each role may do; a key has exactly one."""
 
 _bearer = HTTPBearer(
@@ -95,6 +95,8 @@ FeedbackReaderDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRA
 FeedbackWriterDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR, Role.SERVICE))]
 # Edits and retractions are a person's (or the tenant application's) change of mind.
 FeedbackEditorDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
+# Snapshots expose every rater's data of the tenant and requests spend GPU time: not raters'.
+DatasetManagerDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR, Role.ADMIN))]
 
 
 async def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
@@ -106,3 +108,23 @@ async def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
 
 
 FeedbackRpcDep = Annotated[Rpc, Depends(get_feedback_rpc)]
+
+
+async def get_dataset_rpc(request: Request, principal: PrincipalDep) -> Rpc:
+    """Calls to the dataset service on behalf of the caller."""
+    state = state_of(request)
+    return Rpc(state.upstreams.stub("dataset"), state.settings.upstream_timeout_s, principal.caller)
+
+
+DatasetRpcDep = Annotated[Rpc, Depends(get_dataset_rpc)]
+
+
+async def get_dataset_build_rpc(request: Request, principal: PrincipalDep) -> Rpc:
+    """Calls to the dataset service that curate feedback, with their longer deadline."""
+    state = state_of(request)
+    return Rpc(
+        state.upstreams.stub("dataset"), state.settings.dataset_build_timeout_s, principal.caller
+    )
+
+
+DatasetBuildRpcDep = Annotated[Rpc, Depends(get_dataset_build_rpc)]

@@ -20,6 +20,7 @@ from flywheel.gateway.middleware import BodyLimitMiddleware, MetricsMiddleware
 from flywheel.gateway.problems import Problem, install_problem_handlers
 from flywheel.gateway.routes.admin.router import router as admin_router
 from flywheel.gateway.routes.catalog.router import router as catalog_router
+from flywheel.gateway.routes.datasets.router import router as datasets_router
 from flywheel.gateway.routes.feedback.router import router as feedback_router
 from flywheel.gateway.routes.generations.router import router as generations_router
 from flywheel.gateway.state import GatewayState
@@ -96,7 +97,7 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
             status_code=200 if ready else 503,
         )
 
-    routers = (admin_router, catalog_router, generations_router, feedback_router)
+    routers = (admin_router, catalog_router, generations_router, feedback_router, datasets_router)
     for router in routers:
         app.include_router(router)
     routes = [*app.routes, *(route for router in routers for route in router.routes)]
@@ -107,7 +108,7 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_allowed_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=[
                 "Authorization",
                 "X-API-Key",
@@ -115,7 +116,15 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
                 "Idempotency-Key",
                 "If-Match",
             ],
-            expose_headers=["ETag", "Location", "Retry-After", "Idempotent-Replayed"],
+            expose_headers=[
+                "ETag",
+                "Location",
+                "Retry-After",
+                "Idempotent-Replayed",
+                "X-Content-SHA256",
+                "X-Row-Count",
+                "Content-Disposition",
+            ],
             max_age=600,
         )
     app.add_middleware(MetricsMiddleware, routes=routes)

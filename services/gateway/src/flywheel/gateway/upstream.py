@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +97,7 @@ class Rpc:
         request: Any,
         *,
         fields: FieldRenamer = identity,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """A server-streaming call, started: its first message has arrived (or the stream
         ended), so a call that fails at once raises the ProblemError it maps to here,
         before any response is sent. Later failures end the iteration with the error."""
@@ -115,7 +115,7 @@ class Rpc:
         return _rest_of(call, first)
 
 
-async def _rest_of(call: Any, first: Any) -> AsyncIterator[Any]:
+async def _rest_of(call: Any, first: Any) -> AsyncGenerator[Any, None]:
     try:
         message = first
         while message is not grpc.aio.EOF:

@@ -1,0 +1,1 @@
+"""Dataset snapshots, training requests and trigger policies (the dataset service)."""
