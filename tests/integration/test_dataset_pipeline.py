@@ -52,6 +52,9 @@ def _consumer(kafka: LocalKafka, topic: str, group: str) -> KafkaConsumer:
         group_id=group,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        # The topics appear only once the services publish: look again every second
+        # rather than after kafka-python's default five minutes.
+        metadata_max_age_ms=1000,
     )
 
 
