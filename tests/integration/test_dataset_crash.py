@@ -44,6 +44,9 @@ from flywheel.dataset.service import DatasetService
 
 pytestmark = pytest.mark.integration
 
+# Its own tenant: other tests read the same topics of the shared broker.
+TENANT = "crash-test"
+
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 CUTOFF = T0 + timedelta(days=30)
 
@@ -57,10 +60,10 @@ def feedback_events(n_prompts: int, seed: int = 5) -> list[EventRecord]:
     def emit(payload: fe.FeedbackRecorded | fe.FeedbackEdited | fe.FeedbackRetracted) -> None:
         nonlocal clock
         clock += timedelta(milliseconds=10)
-        envelope = wrap("acme", payload, source_service="test", occurred_at=clock)
+        envelope = wrap(TENANT, payload, source_service="test", occurred_at=clock)
         event_type, topic = event_options(payload)
         records.append(
-            EventRecord(topic, "acme", envelope.SerializeToString(), envelope.event_id, event_type)
+            EventRecord(topic, TENANT, envelope.SerializeToString(), envelope.event_id, event_type)
         )
 
     for p in range(n_prompts):
@@ -68,7 +71,7 @@ def feedback_events(n_prompts: int, seed: int = 5) -> list[EventRecord]:
         for o in range(3):
             g = fb.Generation(
                 generation_id=f"gen-{p}-{o}",
-                tenant_id="acme",
+                tenant_id=TENANT,
                 task="budgeting",
                 prompt=Prompt(text=f"Split budget number {p} across retailers."),
                 prompt_hash=f"hash-{p}",
@@ -79,7 +82,7 @@ def feedback_events(n_prompts: int, seed: int = 5) -> list[EventRecord]:
         for o, g in enumerate(generations):
             rating = fb.Feedback(
                 feedback_id=f"fb-{p}-{o}",
-                tenant_id="acme",
+                tenant_id=TENANT,
                 generation_id=g.generation_id,
                 task="budgeting",
                 revision=1,
@@ -100,7 +103,7 @@ def feedback_events(n_prompts: int, seed: int = 5) -> list[EventRecord]:
                 emit(fe.FeedbackRetracted(feedback=retracted))
         preference = fb.Feedback(
             feedback_id=f"pref-{p}",
-            tenant_id="acme",
+            tenant_id=TENANT,
             generation_id=generations[0].generation_id,
             task="budgeting",
             revision=1,
@@ -136,7 +139,7 @@ async def uninterrupted_snapshot_id(records: list[EventRecord], tmp_path: Path) 
         policy_defaults=PolicyDefaults(enabled=False),
     )
     await service.apply(records)
-    snapshot, created = await service.build_snapshot("acme", spec())
+    snapshot, created = await service.build_snapshot(TENANT, spec())
     await engine.dispose()
     assert created
     return snapshot.snapshot_id
@@ -225,7 +228,7 @@ async def _build(target: str) -> str:
         for _ in range(100):
             try:
                 reply = await stub.BuildSnapshot(
-                    dsapi.BuildSnapshotRequest(tenant_id="acme", spec=spec()), timeout=60
+                    dsapi.BuildSnapshotRequest(tenant_id=TENANT, spec=spec()), timeout=60
                 )
                 return str(reply.snapshot.snapshot_id)
             except grpc.aio.AioRpcError as error:

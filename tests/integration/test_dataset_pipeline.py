@@ -10,11 +10,6 @@ rows and lineage (feedback event ids) are exactly what was posted.
 from __future__ import annotations
 
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,16 +28,11 @@ from flywheel.contracts.feedback.v1 import events_pb2 as fe
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.testing.local_infra import LocalKafka
+from flywheel.core.testing.stack import running_stack
 
 pytestmark = pytest.mark.integration
 
-FLYWHEEL = [sys.executable, "-m", "flywheel.cli.main"]
-
-
-def _cli(*args: str, env: dict[str, str]) -> str:
-    result = subprocess.run([*FLYWHEEL, *args], capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+TENANT = "pipeline"
 
 
 def _consumer(kafka: LocalKafka, topic: str, group: str) -> KafkaConsumer:
@@ -59,18 +49,21 @@ def _consumer(kafka: LocalKafka, topic: str, group: str) -> KafkaConsumer:
 
 
 def _drain(consumer: KafkaConsumer, seconds: float, want: int = 10**9) -> list[Any]:
-    """Envelopes polled for ``seconds`` (or until ``want`` arrived)."""
+    """This test's tenant's envelopes polled for ``seconds`` (or until ``want`` arrived).
+
+    Other tests share the broker and its topics, so other tenants' events are skipped.
+    """
     found: list[Any] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and len(found) < want:
         for records in consumer.poll(timeout_ms=500).values():
-            found += [parse(r.value) for r in records]
+            found += [e for e in map(parse, (r.value for r in records)) if e.tenant == TENANT]
     return found
 
 
 def _preview_rows(stub: DatasetServiceStub, kind: ds.DatasetKind.ValueType) -> int:
     reply = stub.PreviewSnapshot(
-        dsapi.PreviewSnapshotRequest(tenant_id="acme", spec=ds.SnapshotSpec(kind=kind)),
+        dsapi.PreviewSnapshotRequest(tenant_id=TENANT, spec=ds.SnapshotSpec(kind=kind)),
         timeout=30,
     )
     return int(reply.stats.train_rows + reply.stats.eval_rows)
@@ -86,41 +79,25 @@ def _wait_for(condition: Any, seconds: float, what: str) -> None:
 def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
     tmp_path: Path, pg_url: str, kafka: LocalKafka
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env |= {
+    policy = {
         "FLYWHEEL_POLICY_MIN_NEW_EXAMPLES": "6",
         "FLYWHEEL_POLICY_MIN_PREFERENCE_PAIRS": "2",
         "FLYWHEEL_POLICY_COOLDOWN_S": "0",
         "FLYWHEEL_POLICY_BASE_MODEL": "tiny-llama",
         "FLYWHEEL_DATASET_EVAL_FRACTION": "0",
     }
-    data = tmp_path / "data"
-    up = subprocess.Popen(
-        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data), "--stack", "postgres+kafka",
-         "--database-url", pg_url, "--kafka-bootstrap", kafka.bootstrap],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
     training = _consumer(kafka, "flywheel.training.v1", "test-training")
     feedback_events = _consumer(kafka, "flywheel.feedback.v1", "test-feedback")
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            if "gateway on http" in line:
-                break
-        state = json.loads((data / "run" / "state.json").read_text())["services"]
-        feedback = f"127.0.0.1:{state['feedback']['grpc_port']}"
-        gateway = f"http://127.0.0.1:{state['gateway']['http_port']}"
-        channel = grpc.insecure_channel(f"127.0.0.1:{state['dataset']['grpc_port']}")
+    with (
+        running_stack(tmp_path, pg_url, kafka.bootstrap, policy) as stack,
+        grpc.insecure_channel(stack.grpc("dataset")) as channel,
+        httpx.Client(
+            base_url=stack.gateway,
+            headers={"Authorization": f"Bearer {stack.key(TENANT, 'integrator')}"},
+            timeout=30,
+        ) as client,
+    ):
         dataset = DatasetServiceStub(channel)
-
-        _cli("tenant", "create", "acme", "--feedback", feedback, env=env)
-        out = _cli("key", "create", "--tenant", "acme", "--role", "integrator",
-                   "--name", "checkout", "--feedback", feedback, env=env)  # fmt: skip
-        match = re.search(r"secret \(shown once, keep it safe\): (\S+)", out)
-        assert match, out
-        client = httpx.Client(
-            base_url=gateway, headers={"Authorization": f"Bearer {match.group(1)}"}, timeout=30
-        )
 
         def generation(prompt: str, output: str) -> str:
             response = client.post(
@@ -157,14 +134,14 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
         requests = _drain(training, 60.0, want=1)
         assert [e.type for e in requests] == ["training.requested"]
         request = unpack(requests[0], de.TrainingRequested).request
-        assert request.tenant_id == "acme"
+        assert request.tenant_id == TENANT
         assert request.spec.method == tr.TRAINING_METHOD_DPO
         assert request.spec.base_model == "tiny-llama"
         assert request.reason.startswith("policy: 6 new examples")
 
         snapshot = dataset.GetSnapshot(
             dsapi.GetSnapshotRequest(
-                tenant_id="acme", snapshot_id=request.spec.dataset_snapshot_id
+                tenant_id=TENANT, snapshot_id=request.spec.dataset_snapshot_id
             ),
             timeout=30,
         ).snapshot
@@ -173,7 +150,7 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
         chunks = list(
             dataset.DownloadSnapshot(
                 dsapi.DownloadSnapshotRequest(
-                    tenant_id="acme", snapshot_id=snapshot.snapshot_id, split=ds.SPLIT_TRAIN
+                    tenant_id=TENANT, snapshot_id=snapshot.snapshot_id, split=ds.SPLIT_TRAIN
                 ),
                 timeout=30,
             )
@@ -209,10 +186,5 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
 
         # Nothing new arrived: the policy stays quiet.
         assert _drain(training, 3.0) == []
-        channel.close()
-        client.close()
-    finally:
-        training.close()
-        feedback_events.close()
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=60)
+    training.close()
+    feedback_events.close()
