@@ -276,6 +276,17 @@ async def test_bad_requests_name_their_fields(stack: Stack) -> None:
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.min_rating_chosen" in {e.field for e in field_errors_of(bad.value)}
 
+    for probe in ("/etc/passwd", "../../etc/hostname", "/definitely/missing.json"):
+        with pytest.raises(grpc.aio.AioRpcError) as files:
+            await stack.dataset.PreviewSnapshot(
+                dsapi.PreviewSnapshotRequest(
+                    tenant_id="acme", spec=spec(ds.DATASET_KIND_SFT, tokenizer=probe)
+                )
+            )
+        # The same answer whether the file exists or not: callers cannot probe the server.
+        assert [e.field for e in field_errors_of(files.value)] == ["spec.tokenizer"]
+        assert "FLYWHEEL_DATASET_TOKENIZER_DIRS" in files.value.details()
+
     with pytest.raises(grpc.aio.AioRpcError) as empty:
         await stack.dataset.BuildSnapshot(
             dsapi.BuildSnapshotRequest(tenant_id="globex", spec=spec(ds.DATASET_KIND_SFT))

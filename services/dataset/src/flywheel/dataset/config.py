@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flywheel.core.config import ServiceSettings
 from flywheel.dataset.options import BuildOptions
 
@@ -15,6 +17,8 @@ class DatasetSettings(ServiceSettings):
 
     # Build defaults, for every option a SnapshotSpec leaves unset.
     dataset_tokenizer: str = ""
+    # Folders whose tokenizers a spec may name by path (besides the artifact store).
+    dataset_tokenizer_dirs: list[Path] = []
     dataset_sft_min_rating: int = 4
     dataset_min_rating_chosen: int = 4
     dataset_max_rating_rejected: int = 2

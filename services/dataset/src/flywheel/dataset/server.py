@@ -40,6 +40,7 @@ def build() -> ServiceRuntime:
             min_preference_pairs=settings.policy_min_preference_pairs,
             base_model=settings.policy_base_model,
         ),
+        tokenizer_roots=[*settings.dataset_tokenizer_dirs, settings.resolved_artifacts_dir],
         on_commit=runtime.relay.wake,
     )
     runtime.add_grpc_service(

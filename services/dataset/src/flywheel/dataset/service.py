@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
@@ -42,6 +44,9 @@ METHOD_OF_KIND = {
     "reward": tr.TRAINING_METHOD_REWARD,
 }
 
+# "name" or "owner/name", as the Hugging Face Hub spells model ids.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
 # Methods that can train on each kind of snapshot (online RL only needs its prompts).
 ALLOWED_METHODS = {
     "sft": {tr.TRAINING_METHOD_SFT, tr.TRAINING_METHOD_GRPO, tr.TRAINING_METHOD_RLOO},
@@ -72,10 +77,13 @@ class DatasetService:
         *,
         build_defaults: BuildOptions,
         policy_defaults: policy.PolicyDefaults,
+        tokenizer_roots: Sequence[Path] = (),
         on_commit: Callable[[], None] = lambda: None,
     ) -> None:
         self.sessions = sessions
         self.build_defaults = build_defaults
+        # Folders whose tokenizer.json files specs may name by path.
+        self.tokenizer_roots = list(tokenizer_roots)
         self.policy_defaults = policy_defaults
         self.on_commit = on_commit
         self.snapshots = SnapshotStore(sessions, artifacts, on_commit=on_commit)
@@ -96,7 +104,27 @@ class DatasetService:
 
     def options(self, spec: ds.SnapshotSpec) -> BuildOptions:
         """A request's spec resolved against the defaults (cutoff: now when unset)."""
-        return resolve(spec, self.build_defaults, now=datetime.now(UTC))
+        options = resolve(spec, self.build_defaults, now=datetime.now(UTC))
+        self._check_tokenizer(options.tokenizer)
+        return options
+
+    def _check_tokenizer(self, spec: str) -> None:
+        """Callers name a Hub model id or a tokenizer under the allowed folders, never any
+        file of the server (which would let them probe its file system)."""
+        if spec in ("", "builtin:regex", self.build_defaults.tokenizer):
+            return
+        if HUB_ID.fullmatch(spec) and ".." not in spec:
+            return
+        resolved = Path(spec).expanduser().resolve()
+        if any(resolved.is_relative_to(root.resolve()) for root in self.tokenizer_roots):
+            return
+        raise InvalidArgument(
+            FieldError(
+                "spec.tokenizer",
+                "must be a Hugging Face model id or a path under the service's tokenizer "
+                "folders (FLYWHEEL_DATASET_TOKENIZER_DIRS)",
+            )
+        )
 
     async def run_build(self, tenant_id: str, options: BuildOptions) -> BuildResult:
         """Build the rows ``options`` ask for from the tenant's feedback as of the cutoff."""
