@@ -116,7 +116,7 @@ def test_demo_on_postgres_and_kafka_gives_each_service_its_schema(
         capture_output=True, text=True, env=_env(), timeout=180,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "every service was healthy" in result.stdout
+    assert "every service was healthy and feedback became a training request" in result.stdout
 
     async def schemas() -> set[str]:
         url = make_url(pg_url).set(drivername="postgresql")

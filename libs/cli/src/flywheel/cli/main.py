@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from flywheel.cli import admin
+from flywheel.cli import admin, demo_loop
 from flywheel.cli.services import GRPC_BASE_PORT, ServicePorts, plan_ports
 from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
 from flywheel.dataset import cli as dataset_cli
@@ -57,9 +57,12 @@ def _print_table(plan: dict[str, ServicePorts], statuses: dict[str, str]) -> Non
         )
 
 
-async def _start(args: argparse.Namespace) -> tuple[Supervisor, bool]:
+async def _start(
+    args: argparse.Namespace, extra_env: dict[str, str] | None = None
+) -> tuple[Supervisor, bool]:
     plan = plan_ports(free=args.free_ports)
-    supervisor = Supervisor(plan, _stack_env(args), args.data_dir.resolve())
+    env = _stack_env(args) | (extra_env or {})
+    supervisor = Supervisor(plan, env, args.data_dir.resolve())
     print(f"flywheel: starting {len(plan)} services ({args.stack}); data in {args.data_dir}")
     await supervisor.start_all()
     statuses = await supervisor.wait_healthy(args.timeout)
@@ -115,11 +118,26 @@ async def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    """Start every service, check each is healthy, and shut down."""
-    supervisor, healthy = await _start(args)
-    await supervisor.stop_all()
-    print("flywheel demo: " + ("every service was healthy" if healthy else "FAILED"))
-    return 0 if healthy else 1
+    """Start every service, check each is healthy, turn the loop once, and shut down."""
+    supervisor, healthy = await _start(args, demo_loop.DEMO_POLICY)
+    turned = False
+    try:
+        if healthy:
+            ports = {name: s.ports for name, s in supervisor.services.items()}
+            turned = await demo_loop.run_loop(
+                f"http://127.0.0.1:{ports['gateway'].http_port}",
+                f"127.0.0.1:{ports['feedback'].grpc_port}",
+                f"127.0.0.1:{ports['dataset'].grpc_port}",
+            )
+    finally:
+        await supervisor.stop_all()
+    if not healthy:
+        print("flywheel demo: FAILED (not every service was healthy)")
+    elif not turned:
+        print(f"flywheel demo: FAILED (the loop did not turn; logs in {args.data_dir / 'logs'})")
+    else:
+        print("flywheel demo: every service was healthy and feedback became a training request")
+    return 0 if healthy and turned else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,117 @@
+"""The loop as far as it turns today, driven the way a frontend team would drive it.
+
+A tenant and an integrator key are made on the feedback service; generations and feedback
+(ratings of a good and a bad budget split per prompt, and some A/B preferences) go through
+the gateway's REST API; the dataset service consumes the events, its trigger policy builds a
+preference snapshot and requests DPO training on it. The demo waits for that snapshot and
+prints what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+import uuid
+from typing import Any
+
+import grpc
+
+from flywheel.contracts.dataset.v1 import resources_pb2 as ds
+from flywheel.contracts.dataset.v1 import service_pb2 as dsapi
+from flywheel.contracts.dataset.v1.service_pb2_grpc import DatasetServiceStub
+from flywheel.contracts.feedback.v1 import resources_pb2 as fb
+from flywheel.contracts.feedback.v1 import service_pb2 as fbapi
+from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
+
+# What `flywheel demo` sets for the dataset service, so a few dozen examples trigger it.
+DEMO_POLICY = {
+    "FLYWHEEL_POLICY_MIN_NEW_EXAMPLES": "20",
+    "FLYWHEEL_POLICY_MIN_PREFERENCE_PAIRS": "5",
+    "FLYWHEEL_POLICY_COOLDOWN_S": "0",
+}
+RETAILERS = ("search", "display", "social", "retail media", "video", "audio")
+
+
+def _post(base: str, path: str, key: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return dict(json.loads(response.read()))
+
+
+def _examples() -> list[tuple[str, str, str]]:
+    """(prompt, good answer, bad answer) for budgeting tasks."""
+    out = []
+    for i, (a, b) in enumerate(zip(RETAILERS, RETAILERS[1:] + RETAILERS[:1], strict=True)):
+        budget = 10_000 * (i + 1)
+        prompt = f"Split a ${budget:,} budget across {a} and {b}; {a} returns 4x, {b} 2x."
+        good = f"Put 70% (${budget * 0.7:,.0f}) on {a} and 30% (${budget * 0.3:,.0f}) on {b}."
+        bad = f"Put everything on {b}, it feels right."
+        out.append((prompt, good, bad))
+    return out
+
+
+async def run_loop(gateway: str, feedback: str, dataset: str, timeout_s: float = 90) -> bool:
+    """Drive one turn of the loop; print what happened; whether it worked."""
+    tenant = f"demo-{uuid.uuid4().hex[:8]}"
+    async with grpc.aio.insecure_channel(feedback) as channel:
+        stub = FeedbackServiceStub(channel)
+        await stub.CreateTenant(fbapi.CreateTenantRequest(tenant_id=tenant, display_name="Demo"))
+        key = (
+            await stub.CreateApiKey(
+                fbapi.CreateApiKeyRequest(tenant_id=tenant, role=fb.ROLE_INTEGRATOR, name="demo")
+            )
+        ).secret
+    print(f"demo: tenant {tenant}; posting generations and feedback through the gateway")
+    posted = 0
+    for prompt, good, bad in _examples():
+        ids = []
+        for output in (good, bad):
+            body = {"task": "budgeting", "prompt": prompt, "output": output, "model": "demo"}
+            ids.append(
+                (await asyncio.to_thread(_post, gateway, "/v1/generations", key, body))[
+                    "generation_id"
+                ]
+            )
+        feedback_bodies: list[dict[str, Any]] = [
+            {"generation_id": ids[0], "rating": 5},
+            {"generation_id": ids[1], "rating": 1},
+            {"generation_id": ids[0], "thumbs": "up"},
+            {"generation_id": ids[0], "preference": {"generation_b_id": ids[1], "choice": "a"}},
+        ]
+        for body in feedback_bodies:
+            await asyncio.to_thread(_post, gateway, "/v1/feedback", key, body)
+            posted += 1
+    print(f"demo: {posted} feedback recorded; waiting for the dataset service's policy")
+    snapshot = await _policy_snapshot(dataset, tenant, timeout_s)
+    if snapshot is None:
+        print("demo: no snapshot was built by the trigger policy in time")
+        return False
+    stats = snapshot.stats
+    print(
+        f"demo: snapshot {snapshot.snapshot_id[:19]}… ({ds.DatasetKind.Name(snapshot.spec.kind)}"
+        f"): {stats.train_rows} train + {stats.eval_rows} eval rows, {stats.tokens} tokens, "
+        f"dropped {dict(snapshot.quality.dropped_by_reason) or 'nothing'}"
+    )
+    print("demo: training.requested published with it (the trainer service is the next issue)")
+    return True
+
+
+async def _policy_snapshot(dataset: str, tenant: str, timeout_s: float) -> ds.Snapshot | None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    async with grpc.aio.insecure_channel(dataset) as channel:
+        stub = DatasetServiceStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            listed = await stub.ListSnapshots(dsapi.ListSnapshotsRequest(tenant_id=tenant))
+            found: list[ds.Snapshot] = [
+                s for s in listed.snapshots if s.trigger == ds.SNAPSHOT_TRIGGER_POLICY
+            ]
+            if found:
+                return found[0]
+            await asyncio.sleep(0.5)
+    return None
