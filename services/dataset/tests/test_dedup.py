@@ -11,10 +11,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from flywheel.dataset import dedup
 from flywheel.dataset.dedup import (
+    _PIECE,
+    _SENTINEL,
     MinHasher,
     NearDuplicateIndex,
     _choose_bands,
+    _distinct_hashes,
+    _Scratch,
     exact_key,
     jaccard,
     normalize,
@@ -252,3 +257,166 @@ def test_bands_catch_pairs_just_above_the_threshold(threshold: float) -> None:
 def test_bad_parameters_are_rejected(make: Callable[[], object]) -> None:
     with pytest.raises(ValueError, match="must be"):
         make()
+
+
+def varied_texts(seed: int = 5) -> list[str]:
+    """Empty, blank, short, odd Unicode, heavily repetitive, and long texts, with lengths
+    around the batched path's piece boundaries (256 shingles per piece)."""
+    rng = random.Random(seed)
+    words = RIVER.split() + COMPILER.split()
+    texts = [
+        "",
+        " \t\n ",
+        "a",
+        "ab",
+        "abcd",
+        "abcde",
+        "abcdef",
+        "  Ab  ",
+        "\uff21\uff22\uff23 \ufb01le Stra\u00dfe caf\u0065\u0301",
+        "x\ud800y lone surrogate",
+        "ab" * 300,
+        "a" * 1000,
+        "\n".join([RIVER, COMPILER]),
+        RIVER * 3,
+        RIVER_ONE_WORD_CHANGED,
+    ]
+    for length in (1, 4, 5, 6, 9, 60, 259, 260, 261, 264, 500, 515, 516, 517, 700, 1500, 4000):
+        text = " ".join(rng.choices(words, k=length // 3 + 2))
+        texts.append(text[:length])
+    texts += [" ".join(rng.choices(words, k=rng.randint(1, 120))) for _ in range(60)]
+    rng.shuffle(texts)
+    return texts
+
+
+@pytest.mark.parametrize(
+    "hasher",
+    [MinHasher(), MinHasher(num_perm=7, ngram=3, seed=5), MinHasher(num_perm=200, ngram=1)],
+    ids=["default", "small", "unigram"],
+)
+def test_batched_signatures_equal_one_at_a_time(hasher: MinHasher) -> None:
+    texts = varied_texts()
+    batched = hasher.signatures(texts)
+    assert batched.dtype == np.uint64
+    assert batched.shape == (len(texts), hasher.num_perm)
+    for text, row in zip(texts, batched, strict=True):
+        assert np.array_equal(row, hasher.signature(text)), repr(text[:40])
+
+
+def test_batched_signatures_across_chunks_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    hasher = MinHasher(seed=9)
+    texts = varied_texts(seed=6)
+    expected = np.array([hasher.signature(text) for text in texts])
+    monkeypatch.setattr(dedup, "_CHUNK_CHARS", 900)  # many chunks, some of one text
+    for workers in (1, 3, None):
+        assert np.array_equal(hasher.signatures(texts, workers=workers), expected), workers
+    assert hasher.signatures([]).shape == (0, hasher.num_perm)
+    with pytest.raises(ValueError, match="workers"):
+        hasher.signatures(texts, workers=0)
+
+
+def test_piece_minima_are_exact_even_where_the_estimate_is_unsure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Values the float pre-selection cannot rank (near ties, 0 and P - 1, a single value)
+    must still come out exact, through the exact fallback."""
+    hasher = MinHasher(num_perm=32)
+    rng = random.Random(13)
+    a, b = hasher._a.tolist(), hasher._b.tolist()
+    pieces: list[list[int]] = []
+    for trial in range(24):
+        xs = {rng.randrange(P) for _ in range(rng.choice([0, 1, 3, 100, 240]))}
+        for _ in range(rng.choice([0, 2, 4])):
+            i = rng.randrange(hasher.num_perm)
+            base = rng.choice([0, 1, P - 3, rng.randrange(P), rng.randrange(1 << 40)])
+            for target in (base, base + 1):
+                xs.add((target - b[i]) * pow(a[i], -1, P) % P)
+        xs = xs or {trial}
+        pieces.append(sorted(xs)[:_PIECE])
+    rows = np.full((len(pieces), _PIECE), _SENTINEL, np.uint64)
+    for row, xs_of_piece in zip(rows, pieces, strict=True):
+        row[: len(xs_of_piece)] = xs_of_piece
+    lengths = np.array([len(xs_of_piece) for xs_of_piece in pieces], np.int64)
+
+    unsure_seen = []
+    block_minima = hasher._block_minima
+
+    def spy(*args: object) -> object:
+        picked, unsure = block_minima(*args)  # type: ignore[arg-type]
+        unsure_seen.append(int(unsure.sum()))
+        return picked, unsure
+
+    monkeypatch.setattr(hasher, "_block_minima", spy)
+    minima = hasher._piece_minima(rows, lengths, _Scratch(hasher.num_perm))
+    for got, xs_of_piece in zip(minima, pieces, strict=True):
+        assert got.tolist() == reference_signature(hasher, xs_of_piece)
+    assert sum(unsure_seen) > 0  # the exact fallback did run
+
+
+def test_distinct_hashes_per_text() -> None:
+    rng = np.random.default_rng(3)
+    texts = [
+        rng.integers(0, P, 500, dtype=np.uint64),  # distinct
+        rng.integers(0, P, 5, dtype=np.uint64).repeat(3),  # repeats
+        np.empty(0, np.uint64),
+        np.arange(700, dtype=np.uint64) * 1000,  # 700 distinct in one range: overfull
+        rng.integers(0, P, 300, dtype=np.uint64).repeat(4),  # repeats, overfull ranges
+        rng.choice(rng.integers(0, P, 50, dtype=np.uint64), 900),
+        np.array([P - 1, 0, P - 1], np.uint64),
+    ]
+    values, counts = _distinct_hashes(np.concatenate(texts), np.array([t.size for t in texts]))
+    assert counts.tolist() == [np.unique(t).size for t in texts]
+    ends = np.cumsum(counts)
+    for text, end, count in zip(texts, ends, counts, strict=True):
+        assert np.array_equal(np.sort(values[end - count : end]), np.unique(text))
+
+
+def near_duplicate_corpus(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = RIVER.split() + COMPILER.split() + [f"w{i}" for i in range(300)]
+    texts: list[str] = []
+    for _ in range(count):
+        if texts and rng.random() < 0.3:
+            base = rng.choice(texts).split()
+            for _ in range(rng.randint(0, 4)):
+                base[rng.randrange(len(base))] = rng.choice(words)
+            texts.append(" ".join(base))
+        else:
+            texts.append(" ".join(rng.choices(words, k=rng.randint(3, 90))))
+    texts[5:5] = ["", "   ", "ab", "AB "]
+    return texts
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9])
+def test_find_or_add_many_answers_like_one_at_a_time(
+    threshold: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    texts = near_duplicate_corpus(400, seed=int(threshold * 10))
+    keys = [f"k{i}" for i in range(len(texts))]
+    one = NearDuplicateIndex(threshold=threshold, seed=4)
+    expected = [one.find_or_add(key, text) for key, text in zip(keys, texts, strict=True)]
+    assert sum(answer is not None for answer in expected) > 20
+
+    monkeypatch.setattr(dedup, "_CHUNK_CHARS", 2000)  # duplicates span chunks
+    for workers in (1, 2):
+        many = NearDuplicateIndex(threshold=threshold, seed=4)
+        # Some rows one at a time first: a batch must see what was added before it.
+        head = [many.find_or_add(keys[i], texts[i]) for i in range(30)]
+        got = head + many.find_or_add_many(keys[30:], texts[30:], workers=workers)
+        assert got == expected
+        assert many._keys == one._keys
+        assert np.array_equal(many._signatures[: len(many)], one._signatures[: len(one)])
+        # Both go on alike.
+        assert many.find_or_add("again", texts[-1]) == one.find_or_add("again", texts[-1])
+
+
+def test_find_or_add_many_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="2 keys for 1 texts"):
+        NearDuplicateIndex().find_or_add_many(["a", "b"], ["text"])
+    assert NearDuplicateIndex().find_or_add_many([], []) == []
+
+
+def test_band_keys_many_match_band_keys() -> None:
+    index = NearDuplicateIndex(threshold=0.8)
+    signatures = index.hasher.signatures(varied_texts())
+    assert index._band_keys_many(signatures) == [index._band_keys(row) for row in signatures]

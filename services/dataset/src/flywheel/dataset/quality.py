@@ -90,12 +90,7 @@ def check(
             fitting.append((c, prompt, p_tokens + sum(c_tokens)))
 
     seen: set[str] = set()
-    near = (
-        NearDuplicateIndex(threshold=options.near_duplicate_threshold, seed=options.seed + 1)
-        if options.near_duplicate_threshold < 1.0
-        else None
-    )
-    passed = []
+    unique: list[tuple[Candidate, str, int, str]] = []
     for c, prompt, tokens in fitting:
         label = "" if c.label is None else str(c.label)
         key = exact_key(prompt, *c.completions, label)
@@ -103,10 +98,17 @@ def check(
             drop(c, "exact_duplicate")
             continue
         seen.add(key)
-        if near is not None:
-            original = near.find_or_add(key, "\n".join((prompt, *c.completions, label)))
-            if original is not None:
-                drop(c, "near_duplicate", f"of row {original[:12]}")
-                continue
-        passed.append(Checked(c, tokens))
+        unique.append((c, "\n".join((prompt, *c.completions, label)), tokens, key))
+
+    originals: list[str | None] = [None] * len(unique)
+    if options.near_duplicate_threshold < 1.0:
+        near = NearDuplicateIndex(threshold=options.near_duplicate_threshold, seed=options.seed + 1)
+        # All signatures at once (vectorised); the answers are those of one row at a time.
+        originals = near.find_or_add_many([u[3] for u in unique], [u[1] for u in unique])
+    passed = []
+    for (c, _text, tokens, _key), original in zip(unique, originals, strict=True):
+        if original is not None:
+            drop(c, "near_duplicate", f"of row {original[:12]}")
+        else:
+            passed.append(Checked(c, tokens))
     return passed, dropped
