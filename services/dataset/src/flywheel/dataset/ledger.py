@@ -77,6 +77,9 @@ def _decode(record: EventRecord) -> tuple[dict[str, Any], list[fb.Generation]] |
 async def apply_events(session: AsyncSession, records: Sequence[EventRecord]) -> Applied:
     """Apply a batch of feedback events in ``session``'s transaction, each at most once."""
     fresh = await claim_events(session, CONSUMER_GROUP, [r.event_id for r in records])
+    # Set here rather than by the database: SQLite's clock has whole seconds, and the
+    # policy compares arrivals with snapshot times taken in Python.
+    received = datetime.now(UTC)
     versions: dict[str, dict[str, Any]] = {}
     generations: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -86,7 +89,7 @@ async def apply_events(session: AsyncSession, records: Sequence[EventRecord]) ->
         if decoded is None:
             continue
         version, judged = decoded
-        versions[record.event_id] = version
+        versions[record.event_id] = version | {"received_at": received}
         for generation in judged:
             generations.setdefault(generation.generation_id, generation_columns(generation))
     if generations:

@@ -31,7 +31,7 @@ from flywheel.core.events.outbox import add_event
 from flywheel.core.paging import Page
 from flywheel.dataset import ledger, policy
 from flywheel.dataset.builder import BuildResult, build
-from flywheel.dataset.models import TriggerPolicyRow
+from flywheel.dataset.models import FeedbackVersion, TriggerPolicyRow
 from flywheel.dataset.options import KIND_NAMES, BuildOptions, resolve
 from flywheel.dataset.snapshots import SOURCE_SERVICE, SnapshotStore, stats_message
 from flywheel.dataset.tokens import load_token_counter
@@ -284,14 +284,20 @@ class DatasetService:
 
     async def scopes_with_intervals(self) -> list[tuple[str, str]]:
         """Tenants and tasks whose policy can fire by time alone (the ticker's work)."""
-        t = TriggerPolicyRow
+        t, v = TriggerPolicyRow, FeedbackVersion
         async with self.sessions() as session:
             found = (await session.execute(select(t.tenant_id, t.task, t.policy))).all()
+            stored = {(tenant_id, task): policy for tenant_id, task, policy in found}
+            if self.policy_defaults.max_interval_s:
+                # The default policy is timed: every scope with feedback may be due.
+                scopes = (await session.execute(select(v.tenant_id, v.task).distinct())).all()
+                for tenant_id, task in scopes:
+                    stored.setdefault((tenant_id, task), None)
         timed = bool(self.policy_defaults.max_interval_s)
         return sorted(
-            (tenant_id, task)
-            for tenant_id, task, stored in found
-            if (stored.get("max_interval") if stored else timed)
+            scope
+            for scope, policy in stored.items()
+            if (policy.get("max_interval") if policy else timed)
         )
 
     async def evaluate_policy(self, tenant_id: str, task: str) -> ds.TrainingRequest | None:
