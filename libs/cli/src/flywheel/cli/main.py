@@ -18,6 +18,7 @@ from flywheel.cli import admin, demo_loop
 from flywheel.cli.services import GRPC_BASE_PORT, ServicePorts, plan_ports
 from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
 from flywheel.dataset import cli as dataset_cli
+from flywheel.trainer import cli as trainer_cli
 
 STACKS = ("embedded", "postgres+kafka")
 
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sub.add_parser("status", help="show the health of running services"))
     admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
     dataset_cli.add_parser(sub)
+    trainer_cli.add_parser(sub)
     return parser
 
 
@@ -181,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(admin.create_key(args.feedback, args.tenant, args.role, args.name))
     if args.command == "dataset":
         return dataset_cli.run(args)
+    if args.command == "bootstrap-model":
+        return trainer_cli.run(args)
     command = {"up": cmd_up, "status": cmd_status, "demo": cmd_demo}[args.command]
     return asyncio.run(command(args))
 
