@@ -7,12 +7,6 @@ real feedback service, and the test fails on any 5xx.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +16,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from flywheel.core.testing.stack import running_stack
 from flywheel.gateway.config import GatewaySettings
 from flywheel.gateway.http_api import create_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-FLYWHEEL = [sys.executable, "-m", "flywheel.cli.main"]
 EXAMPLES_PER_OPERATION = 30
 STATUSES: Counter[int] = Counter()
 
@@ -41,51 +35,20 @@ class Stack:
     integrator: str
 
 
-def _create_key(env: dict[str, str], feedback: str, tenant: str, role: str) -> str:
-    for args in (["tenant", "create", tenant], []):
-        if args:
-            subprocess.run(
-                [*FLYWHEEL, *args, "--feedback", feedback], env=env, check=True, timeout=60
-            )
-    out = subprocess.run(
-        [*FLYWHEEL, "key", "create", "--tenant", tenant, "--role", role, "--name", "fuzz",
-         "--feedback", feedback],
-        env=env, check=True, capture_output=True, text=True, timeout=60,
-    ).stdout  # fmt: skip
-    match = re.search(r"secret \(shown once, keep it safe\): (\S+)", out)
-    assert match, out
-    return match.group(1)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    data = tmp_path_factory.mktemp("fuzz")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     # The fuzzer is one client sending fast: rate limits would answer most cases with 429.
-    env["FLYWHEEL_RATE_LIMIT_PER_S"] = "0"
-    up = subprocess.Popen(
-        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            if "gateway on http" in line:
-                break
-        services = json.loads((data / "run" / "state.json").read_text())["services"]
-        feedback = f"127.0.0.1:{services['feedback']['grpc_port']}"
+    env = {"FLYWHEEL_RATE_LIMIT_PER_S": "0"}
+    with running_stack(tmp_path_factory.mktemp("fuzz"), env=env) as running:
         yield Stack(
-            gateway=f"http://127.0.0.1:{services['gateway']['http_port']}",
-            admin=_create_key(env, feedback, "platform", "admin"),
-            integrator=_create_key(env, feedback, "acme", "integrator"),
+            gateway=running.gateway,
+            admin=running.key("platform", "admin"),
+            integrator=running.key("acme", "integrator"),
         )
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=60)
-        logs = data / "logs" / "gateway.log"
-        if logs.exists():
-            errors = [line for line in logs.read_text().splitlines() if '"level": "error"' in line]
-            assert not errors, "\n".join(errors[:5])
+    logs = running.data_dir / "logs" / "gateway.log"
+    if logs.exists():
+        errors = [line for line in logs.read_text().splitlines() if '"level": "error"' in line]
+        assert not errors, "\n".join(errors[:5])
 
 
 # The description the running gateway serves at /openapi.json, built without a server.

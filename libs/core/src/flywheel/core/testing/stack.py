@@ -28,6 +28,7 @@ class Stack:
 
     services: dict[str, Any]
     env: dict[str, str]
+    data_dir: Path
 
     def grpc(self, service: str) -> str:
         """``host:port`` of a service's gRPC server."""
@@ -62,15 +63,22 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(
-    tmp_path: Path, pg_url: str, kafka_bootstrap: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    pg_url: str | None = None,
+    kafka_bootstrap: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Stack]:
-    """`flywheel up --stack postgres+kafka` on free ports until the block ends (SIGINT)."""
+    """`flywheel up` on free ports until the block ends (SIGINT): on PostgreSQL + Kafka when
+    given their addresses, else on the embedded default."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     full_env = base | (env or {})
     data = tmp_path / "data"
+    stack_args = ["--stack", "embedded"]
+    if pg_url is not None and kafka_bootstrap is not None:
+        stack_args = ["--stack", "postgres+kafka", "--database-url", pg_url,
+                      "--kafka-bootstrap", kafka_bootstrap]  # fmt: skip
     up = subprocess.Popen(
-        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data), "--stack", "postgres+kafka",
-         "--database-url", pg_url, "--kafka-bootstrap", kafka_bootstrap],
+        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data), *stack_args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
     )  # fmt: skip
     try:
@@ -81,7 +89,7 @@ def running_stack(
         else:
             raise AssertionError(f"flywheel up exited with {up.wait()}")
         services = json.loads((data / "run" / "state.json").read_text())["services"]
-        yield Stack(services, full_env)
+        yield Stack(services, full_env, data)
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=60)
