@@ -352,6 +352,26 @@ async def test_feedback_of_a_key_bound_to_a_user_is_attributed(
     )
     assert other.status_code == 403
 
+    # Bo may change Bo's feedback, not the integrator's (which acts for nobody in particular).
+    mine = await gateway.client.patch(
+        f"/v1/feedback/{feedback['feedback_id']}", json={"thumbs": "down"},
+        headers=gateway.auth(bo),
+    )  # fmt: skip
+    assert mine.status_code == 200, mine.text
+    theirs = await gateway.feedback(
+        acme.integrator, generation_id=generation["generation_id"], rating=2
+    )
+    for method, path, body in (
+        ("PATCH", f"/v1/feedback/{theirs['feedback_id']}", {"rating": 5}),
+        ("POST", f"/v1/feedback/{theirs['feedback_id']}/retract", {}),
+    ):
+        refused = await gateway.client.request(method, path, json=body, headers=gateway.auth(bo))
+        assert refused.status_code == 403, refused.text
+    still = await gateway.client.get(
+        f"/v1/feedback/{theirs['feedback_id']}", headers=gateway.auth(acme.integrator)
+    )
+    assert (still.json()["revision"], still.json()["retracted_at"]) == (1, None)
+
 
 async def test_concurrent_feedback_is_recorded_in_batches(
     gateway: Any, make_tenant: MakeTenant

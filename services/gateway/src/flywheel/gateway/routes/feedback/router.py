@@ -43,6 +43,7 @@ from flywheel.gateway.routes.feedback.protocol import (
 )
 from flywheel.gateway.routing import json_response, next_cursor, page_request, v1_router
 from flywheel.gateway.state import state_of
+from flywheel.gateway.upstream import Rpc
 
 router = v1_router(tags=["feedback"], extra_problems=(404, 409))
 
@@ -122,6 +123,20 @@ def _user_of(principal: Principal, user_id: str | None) -> str | None:
             403, "forbidden", "This API key acts as one user and may not record for another."
         )
     return principal.user_id
+
+
+async def _check_owner(caller: Principal, rpc: Rpc, feedback_id: str) -> None:
+    """A key that acts as one user changes only that user's feedback (403 otherwise)."""
+    if caller.user_id is None:
+        return
+    reply = await rpc(
+        rpc.stub.GetFeedback,
+        service_pb2.GetFeedbackRequest(tenant_id=caller.tenant_id, feedback_id=feedback_id),
+    )
+    if reply.feedback.user_id != caller.user_id:
+        raise ProblemError(
+            403, "forbidden", "This API key acts as one user and may only change its feedback."
+        )
 
 
 @router.post(
@@ -286,7 +301,8 @@ def _expected_revision(if_match: str | None, in_body: int | None) -> int | None:
     "/feedback/{feedback_id}",
     response_model=Feedback,
     summary="Edit a feedback",
-    description="Rater or integrator keys. Replaces the value (same kind) as a new "
+    description="Rater or integrator keys (a key bound to a user: only that user's feedback, "
+    "403 otherwise). Replaces the value (same kind) as a new "
     "revision; the old one is kept as an event, never overwritten silently. Send "
     '`If-Match: "<revision>"` (or `expected_revision`) to edit only if nobody edited it '
     "since: 409 otherwise. 409 also for a retracted feedback.",
@@ -301,6 +317,7 @@ async def edit_feedback(
         str | None, Header(description='Revision ETag, e.g. "3".', max_length=100)
     ] = None,
 ) -> Feedback:
+    await _check_owner(caller, rpc, feedback_id)
     kind = one_kind(body)
     request = service_pb2.EditFeedbackRequest(
         tenant_id=caller.tenant_id, feedback_id=feedback_id, value=feedback_value(body, kind)
@@ -318,7 +335,8 @@ async def edit_feedback(
     "/feedback/{feedback_id}/retract",
     response_model=Feedback,
     summary="Retract a feedback",
-    description="Rater or integrator keys. Withdraws it from datasets and statistics (an "
+    description="Rater or integrator keys (a key bound to a user: only that user's feedback, "
+    "403 otherwise). Withdraws it from datasets and statistics (an "
     "event, not a deletion); retracting twice changes nothing.",
 )
 async def retract_feedback(
@@ -328,6 +346,7 @@ async def retract_feedback(
     rpc: FeedbackRpcDep,
     body: FeedbackRetract | None = None,
 ) -> Feedback:
+    await _check_owner(caller, rpc, feedback_id)
     request = service_pb2.RetractFeedbackRequest(
         tenant_id=caller.tenant_id, feedback_id=feedback_id
     )
