@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets  # type: ignore[import-untyped]
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from flywheel.cli.main import main as flywheel
 from flywheel.contracts.common.v1.common_pb2 import Prompt
@@ -47,10 +48,15 @@ class Stack:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
+async def stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
     monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("FLYWHEEL_METRICS_PORT", "0")
     monkeypatch.setenv("FLYWHEEL_POLICY_ENABLED", "false")
+    # A test may set more of the environment with indirect parametrisation.
+    for name, value in getattr(request, "param", {}).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
     feedback_runtime = build_feedback()
     monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
@@ -342,3 +348,39 @@ async def test_bad_requests_name_their_fields(stack: Stack) -> None:
             dsapi.UpdateTriggerPolicyRequest(tenant_id="acme", policy=policy)
         )
     assert foreign.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    "stack",
+    [
+        {
+            "FLYWHEEL_POLICY_ENABLED": "true",
+            "FLYWHEEL_POLICY_MIN_NEW_EXAMPLES": "1",
+            "FLYWHEEL_DATASET_TOKENIZER": "/no/such/tokenizer.json",
+        }
+    ],
+    indirect=True,
+)
+async def test_a_failing_policy_does_not_hold_up_consumption(stack: Stack) -> None:
+    # Every policy run fails (its default tokenizer cannot load), yet every batch is
+    # handled (and its offsets committed) rather than failed and redelivered forever.
+    def count(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    handler_failures = ("flywheel_event_handler_failures_total", {"group": "dataset"})
+    policy_failures: tuple[str, dict[str, str]] = ("flywheel_dataset_policy_failures_total", {})
+    before = count(*handler_failures), count(*policy_failures)
+    await populate(stack)
+    fixed = spec(ds.DATASET_KIND_PREFERENCE, tokenizer="builtin:regex")
+    for _ in range(200):
+        preview = await stack.dataset.PreviewSnapshot(
+            dsapi.PreviewSnapshotRequest(tenant_id="acme", spec=fixed)
+        )
+        if preview.stats.train_rows + preview.stats.eval_rows == 23:
+            break
+        await asyncio.sleep(0.1)
+    assert preview.stats.train_rows + preview.stats.eval_rows == 23
+    listed = await stack.dataset.ListSnapshots(dsapi.ListSnapshotsRequest(tenant_id="acme"))
+    assert list(listed.snapshots) == []  # the policy never got to build one
+    assert count(*handler_failures) == before[0]
+    assert count(*policy_failures) > before[1]

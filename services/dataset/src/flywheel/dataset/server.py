@@ -16,7 +16,7 @@ from flywheel.dataset.config import DatasetSettings
 from flywheel.dataset.grpc_api import DatasetServicer
 from flywheel.dataset.ledger import CONSUMER_GROUP
 from flywheel.dataset.policy import PolicyDefaults
-from flywheel.dataset.service import DatasetService
+from flywheel.dataset.service import POLICY_FAILURES, DatasetService
 
 MIGRATIONS = Path(__file__).parent / "migrations" / "versions"
 SERVICE_NAME = "flywheel.contracts.dataset.v1.DatasetService"
@@ -65,6 +65,7 @@ def build() -> ServiceRuntime:
                 try:
                     await service.evaluate_policy(tenant_id, task)
                 except Exception:
+                    POLICY_FAILURES.inc()
                     log.exception("trigger policy of %s/%s failed", tenant_id, task)
 
     runtime.add_task(consume)

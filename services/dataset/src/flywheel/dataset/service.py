@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from sqlalchemy import select
@@ -35,6 +37,11 @@ from flywheel.dataset.models import FeedbackVersion, TriggerPolicyRow
 from flywheel.dataset.options import KIND_NAMES, BuildOptions, resolve
 from flywheel.dataset.snapshots import SOURCE_SERVICE, SnapshotStore, stats_message
 from flywheel.dataset.tokens import load_token_counter
+
+log = logging.getLogger(__name__)
+POLICY_FAILURES = prometheus_client.Counter(
+    "flywheel_dataset_policy_failures_total", "Trigger policy evaluations that raised"
+)
 
 # What each kind of snapshot trains with, when a request does not say.
 METHOD_OF_KIND = {
@@ -97,7 +104,13 @@ class DatasetService:
         async with self.sessions() as session, session.begin():
             applied = await ledger.apply_events(session, records)
         for tenant_id, task in sorted(applied.scopes):
-            await self.evaluate_policy(tenant_id, task)
+            try:
+                await self.evaluate_policy(tenant_id, task)
+            except Exception:
+                # The events are applied and committed: a policy that cannot run (a bad
+                # tokenizer setting, say) must not hold up consumption by failing the batch.
+                POLICY_FAILURES.inc()
+                log.exception("trigger policy of %s/%s failed", tenant_id, task)
         return applied
 
     # -- building -------------------------------------------------------------------------
