@@ -49,7 +49,9 @@ class DatasetServicer(DatasetServiceServicer):
         stats, quality, sample = await self.service.preview(
             _required(request.tenant_id, "tenant_id"), request.spec, request.sample_size
         )
-        return api.PreviewSnapshotResponse(stats=stats, quality=quality, sample_rows=sample)
+        return api.PreviewSnapshotResponse(
+            stats=stats, quality=quality, sample_rows=_structs(sample, len(sample))
+        )
 
     async def GetSnapshot(self, request: Any, context: Any) -> api.GetSnapshotResponse:
         snapshot = await self.service.get(

@@ -25,6 +25,7 @@ from flywheel.core.events.topics import EventType
 from flywheel.dataset.models import FeedbackVersion, SourceGeneration
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.records import (
+    FACT_COLUMNS,
     FeedbackFact,
     GenerationText,
     fact_from_row,
@@ -107,14 +108,11 @@ async def apply_events(session: AsyncSession, records: Sequence[EventRecord]) ->
 
 
 def _fact_columns() -> list[Any]:
-    """The version columns a fact is made of, in ``fact_from_row``'s order."""
+    """The version columns a fact is made of (``FACT_COLUMNS``, in order)."""
     v = FeedbackVersion
-    return [
-        v.event_id, v.feedback_id, v.generation_id, v.task, v.kind, v.source, v.occurred_at,
-        v.thumbs_up, v.rating, v.choice, v.strength, v.generation_b_id, v.correction,
-        # As text: most are empty ("[]"), and decoding JSON per row is the slow part.
-        cast(v.dimension_scores, Text).label("dimension_scores"),
-    ]  # fmt: skip
+    columns: list[Any] = [getattr(v, name) for name in FACT_COLUMNS[:-1]]
+    # Scores as text: most are empty ("[]"), and decoding JSON per row is the slow part.
+    return [*columns, cast(v.dimension_scores, Text).label("dimension_scores")]
 
 
 def _latest_versions(dialect: str, tenant_id: str, options: BuildOptions) -> Any:
@@ -127,9 +125,10 @@ def _latest_versions(dialect: str, tenant_id: str, options: BuildOptions) -> Any
     scope = [v.tenant_id == tenant_id, v.occurred_at < options.cutoff]
     if options.task:
         scope.append(v.task == options.task)
+    columns = _fact_columns()
     if dialect == "postgresql":
         inner = (
-            select(*_fact_columns(), v.retracted)
+            select(*columns, v.retracted)
             .where(*scope)
             .distinct(v.feedback_id)
             .order_by(v.feedback_id, *latest_first)
@@ -138,9 +137,9 @@ def _latest_versions(dialect: str, tenant_id: str, options: BuildOptions) -> Any
         keep: list[ColumnElement[bool]] = [inner.c.retracted.is_(False)]
     else:
         rank = func.row_number().over(partition_by=v.feedback_id, order_by=latest_first)
-        inner = select(*_fact_columns(), v.retracted, rank.label("rank")).where(*scope).subquery()
+        inner = select(*columns, v.retracted, rank.label("rank")).where(*scope).subquery()
         keep = [inner.c.rank == 1, inner.c.retracted.is_(False)]
-    facts = list(inner.c)[: len(_fact_columns())]
+    facts = [inner.c[name] for name in FACT_COLUMNS]
     return select(*facts).where(*keep, inner.c.kind.in_(USABLE_KINDS))
 
 

@@ -156,29 +156,22 @@ def version_columns(
     }
 
 
+# The version columns a fact is made of, in ``fact_from_row``'s order.
+FACT_COLUMNS = (
+    "event_id", "feedback_id", "generation_id", "task", "kind", "source", "occurred_at",
+    "thumbs_up", "rating", "choice", "strength", "generation_b_id", "correction",
+    "dimension_scores",
+)  # fmt: skip
+
+
 def fact_from_columns(columns: dict[str, Any]) -> FeedbackFact:
-    """A ``feedback_versions`` row (as a mapping) as a fact."""
-    occurred = columns["occurred_at"]
-    return FeedbackFact(
-        event_id=columns["event_id"],
-        feedback_id=columns["feedback_id"],
-        generation_id=columns["generation_id"],
-        task=columns["task"],
-        kind=columns["kind"],
-        source=columns["source"],
-        occurred_at=occurred if occurred.tzinfo else occurred.replace(tzinfo=UTC),
-        thumbs_up=columns["thumbs_up"],
-        rating=columns["rating"],
-        choice=columns["choice"],
-        strength=columns["strength"],
-        generation_b_id=columns["generation_b_id"],
-        correction=columns["correction"],
-        dimension_scores=tuple((str(d), float(s)) for d, s in columns["dimension_scores"] or ()),
-    )
+    """A ``feedback_versions`` row (as a mapping, scores as a list) as a fact."""
+    return fact_from_row([columns[name] for name in FACT_COLUMNS])
 
 
 def fact_from_row(row: Sequence[Any]) -> FeedbackFact:
-    """A fact from the ledger's columns, in ``ledger``'s order (scores as JSON text)."""
+    """A fact from the columns of ``FACT_COLUMNS``, in order; the scores as a list, or as
+    JSON text (how the ledger reads them, decoding only rows that have any)."""
     (event_id, feedback_id, generation_id, task, kind, source, occurred, thumbs_up, rating,
      choice, strength, generation_b_id, correction, scores) = row  # fmt: skip
     return FeedbackFact(
@@ -195,7 +188,10 @@ def fact_from_row(row: Sequence[Any]) -> FeedbackFact:
         strength,
         generation_b_id,
         correction,
-        ()
-        if not scores or scores == "[]"
-        else tuple((str(d), float(x)) for d, x in json.loads(scores)),
+        tuple(
+            (str(d), float(x))
+            for d, x in (json.loads(scores) if isinstance(scores, str) else scores or ())
+        )
+        if scores and scores != "[]"
+        else (),
     )

@@ -7,18 +7,16 @@ messages of the contracts and domain errors.
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import prometheus_client
 from google.protobuf import json_format
-from google.protobuf.struct_pb2 import Struct
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,6 +33,7 @@ from flywheel.dataset import ledger, policy
 from flywheel.dataset.builder import BuildResult, build
 from flywheel.dataset.models import FeedbackVersion, TriggerPolicyRow
 from flywheel.dataset.options import KIND_NAMES, BuildOptions, resolve
+from flywheel.dataset.records import FeedbackFact, GenerationText
 from flywheel.dataset.snapshots import SOURCE_SERVICE, SnapshotStore, stats_message
 from flywheel.dataset.tokens import load_token_counter
 
@@ -66,12 +65,6 @@ ALLOWED_METHODS = {
     "unpaired": {tr.TRAINING_METHOD_KTO},
     "reward": {tr.TRAINING_METHOD_REWARD},
 }
-
-
-def _struct(row: dict[str, Any]) -> Struct:
-    message = Struct()
-    message.update(row)
-    return message
 
 
 class DatasetService:
@@ -141,8 +134,16 @@ class DatasetService:
 
     async def run_build(self, tenant_id: str, options: BuildOptions) -> BuildResult:
         """Build the rows ``options`` ask for from the tenant's feedback as of the cutoff."""
-        counter = load_token_counter(options.tokenizer)
         facts, generations = await ledger.load_facts(self.sessions, tenant_id, options)
+        return await self._build(facts, generations, options)
+
+    async def _build(
+        self,
+        facts: list[FeedbackFact],
+        generations: dict[str, GenerationText],
+        options: BuildOptions,
+    ) -> BuildResult:
+        counter = load_token_counter(options.tokenizer)
         # CPU-bound: off the event loop, so RPCs and the consumer keep going meanwhile.
         return await asyncio.to_thread(build, facts, generations, options, counter)
 
@@ -159,16 +160,15 @@ class DatasetService:
 
     async def preview(
         self, tenant_id: str, spec: ds.SnapshotSpec, sample_size: int
-    ) -> tuple[ds.SnapshotStats, ds.QualityReport, list[Struct]]:
-        """What a build now would hold, without storing anything."""
+    ) -> tuple[ds.SnapshotStats, ds.QualityReport, list[str]]:
+        """What a build now would hold, without storing anything; sample rows as JSONL."""
         if sample_size > 100:
             raise InvalidArgument(FieldError("sample_size", "must be at most 100"))
         result = await self.run_build(tenant_id, self.options(spec))
         quality = ds.QualityReport()
         quality.dropped_by_reason.update(result.dropped_by_reason())
         lines = result.splits["train"].lines + result.splits["eval"].lines
-        sample = [_struct(json.loads(line)) for line in lines[:sample_size]]
-        return stats_message(result.stats()), quality, sample
+        return stats_message(result.stats()), quality, lines[:sample_size]
 
     async def get(self, tenant_id: str, snapshot_id: str) -> ds.Snapshot:
         """One snapshot of the tenant."""
@@ -371,11 +371,13 @@ class DatasetService:
         spec.task = current.task
         spec.cutoff.FromDatetime(now)
         spec.kind = ds.DATASET_KIND_PREFERENCE
-        pairs = await self.run_build(tenant_id, self.options(spec))
+        options = self.options(spec)
+        # Both kinds read the same feedback (same task and cutoff): load it once.
+        facts, generations = await ledger.load_facts(self.sessions, tenant_id, options)
+        pairs = await self._build(facts, generations, options)
         if pairs.rows("train") + pairs.rows("eval") >= max(1, current.min_preference_pairs):
             return pairs, tr.TRAINING_METHOD_DPO
-        spec.kind = ds.DATASET_KIND_SFT
-        sft = await self.run_build(tenant_id, self.options(spec))
+        sft = await self._build(facts, generations, dataclasses.replace(options, kind="sft"))
         if sft.rows("train") + sft.rows("eval"):
             return sft, tr.TRAINING_METHOD_SFT
         return None

@@ -32,6 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from flywheel.core.artifacts import sha256_file
 from flywheel.domains.retail_media import corpus
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -170,14 +171,6 @@ def pretrain(
     return model, losses
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def bootstrap_model(
     root: Path, config: BootstrapConfig | None = None, *, progress: bool = True, force: bool = False
 ) -> Path:
@@ -196,7 +189,7 @@ def bootstrap_model(
     try:
         model.save_pretrained(building, safe_serialization=True)
         tokenizer.save_pretrained(building)
-        files = {p.name: _sha256(p) for p in sorted(building.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(building.iterdir()) if p.is_file()}
         manifest: dict[str, Any] = {
             "kind": "flywheel-bootstrap-model",
             "config": dataclasses.asdict(config),
