@@ -1,0 +1,107 @@
+"""Checkpoints a killed run can trust.
+
+The trainer writes ``checkpoint-N/`` (weights, optimizer, scheduler, RNG states, trainer
+state) in many files, so a kill mid-write leaves a folder that looks like a checkpoint
+and is not one. After the last file is written, `CompletionMarker` records the sha256 of
+every file in ``COMPLETE.json`` (written to a temp file, fsynced, renamed: it exists
+whole or not at all). A resumed run starts from the newest checkpoint whose marker
+exists and whose files still match it; anything else is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from flywheel.core.artifacts import sha256_file
+
+MARKER = "COMPLETE.json"
+KEEP = 2
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def write_marker(folder: Path, step: int) -> None:
+    """Mark ``folder`` complete: every file's sha256, atomically."""
+    text = json.dumps({"step": step, "files": _files(folder)}, indent=1, sort_keys=True)
+    fd, tmp = tempfile.mkstemp(prefix=".complete-", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MARKER)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` has a marker and every file still matches it."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("files") == _files(folder)
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``; incomplete ones are deleted."""
+    best = None
+    for _, folder in reversed(_checkpoints(root)):
+        if best is None and is_complete(folder):
+            best = folder
+        elif best is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return best
+
+
+def prune(root: Path, keep: int = KEEP) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    complete = [p for _, p in _checkpoints(root) if (p / MARKER).is_file()]
+    for folder in complete[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class CompletionMarker(TrainerCallback):
+    """Marks each checkpoint complete once the trainer has written all of it."""
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            write_marker(folder, state.global_step)
+            prune(Path(str(args.output_dir)))
+
+
+def last_step(root: Path) -> int | None:
+    """Step of the newest complete checkpoint (without deleting anything)."""
+    for step, folder in reversed(_checkpoints(root)):
+        if is_complete(folder):
+            return step
+    return None

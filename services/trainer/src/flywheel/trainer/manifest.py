@@ -1,0 +1,146 @@
+"""Adapter manifests: what an adapter is and where it came from, next to its weights.
+
+The manifest is the `AdapterManifest` message (the same one `adapter.published` carries),
+stored as ``manifest.json`` beside ``adapter_config.json`` and the safetensors files, so
+a consumer can verify every file's sha256 before loading anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+
+from flywheel.contracts.common.v1.common_pb2 import AdapterRef, ArtifactRef, FileDigest, Lineage
+from flywheel.contracts.trainer.v1 import resources_pb2 as tr
+from flywheel.core.artifacts import ArtifactStore, sha256_file
+from flywheel.trainer.fingerprints import base_model_digest
+from flywheel.trainer.spec import TrainSpec
+from flywheel.trainer.training import Outcome
+
+MANIFEST = "manifest.json"
+METHODS: dict[str, int] = {
+    "sft": tr.TRAINING_METHOD_SFT,
+    "dpo": tr.TRAINING_METHOD_DPO,
+    "kto": tr.TRAINING_METHOD_KTO,
+    "orpo": tr.TRAINING_METHOD_ORPO,
+    "reward": tr.TRAINING_METHOD_REWARD,
+    "grpo": tr.TRAINING_METHOD_GRPO,
+    "rloo": tr.TRAINING_METHOD_RLOO,
+}
+METHOD_NAMES = {v: k for k, v in METHODS.items()}
+
+
+def file_digests(folder: Path) -> list[FileDigest]:
+    """sha256 and size of every file in ``folder`` (the manifest excluded), sorted."""
+    return [
+        FileDigest(
+            path=str(p.relative_to(folder)), sha256=sha256_file(p), size_bytes=p.stat().st_size
+        )
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    ]
+
+
+def build_manifest(
+    spec: TrainSpec,
+    outcome: Outcome,
+    *,
+    tenant_id: str,
+    adapter: AdapterRef,
+    parent: AdapterRef | None = None,
+    job_id: str = "",
+    training_request_id: str = "",
+) -> tr.AdapterManifest:
+    """The manifest of the adapter ``outcome`` holds (artifact location not yet set)."""
+    hyperparameters = Struct()
+    hyperparameters.update(_json_safe(outcome.hyperparameters))
+    lineage = Lineage(
+        base_model=spec.base_model,
+        base_model_sha256=base_model_digest(spec.base_model),
+        dataset_snapshot_id=spec.dataset_snapshot_id,
+        training_job_id=job_id,
+        training_request_id=training_request_id,
+    )
+    if parent is not None:
+        lineage.parent_adapter.CopyFrom(parent)
+    eval_loss = outcome.metrics.get("eval_loss")
+    parent_loss = outcome.metrics.get("parent_eval_loss")
+    manifest = tr.AdapterManifest(
+        adapter=adapter,
+        tenant_id=tenant_id,
+        task=spec.task,
+        adapter_type=spec.adapter_type,
+        method=METHODS[spec.method],  # type: ignore[arg-type]
+        lineage=lineage,
+        lora=tr.LoraConfig(
+            r=outcome.lora["r"],
+            alpha=outcome.lora["alpha"],
+            dropout=outcome.lora["dropout"],
+            target_modules=outcome.lora["target_modules"],
+            use_rslora=outcome.lora["use_rslora"],
+        ),
+        hyperparameters=hyperparameters,
+        metrics=outcome.metrics,
+        files=file_digests(outcome.adapter_dir),
+        worse_than_parent=eval_loss is not None
+        and parent_loss is not None
+        and eval_loss > parent_loss,
+    )
+    manifest.created_at.FromDatetime(datetime.now(UTC))
+    return manifest
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, str | int | float | bool | list)}
+
+
+def to_json(manifest: tr.AdapterManifest) -> str:
+    """The manifest as ``manifest.json`` holds it."""
+    return json_format.MessageToJson(manifest, indent=2, sort_keys=True)
+
+
+def read_manifest(folder: Path) -> tr.AdapterManifest:
+    """The manifest of an adapter folder."""
+    return json_format.Parse((folder / MANIFEST).read_text(), tr.AdapterManifest())
+
+
+def write_folder(manifest: tr.AdapterManifest, source: Path, target: Path) -> tr.AdapterManifest:
+    """The adapter and its manifest in a local ``target`` folder (`flywheel train --output`)."""
+    if target.resolve() != source.resolve():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(source, target)
+    manifest.artifact.CopyFrom(
+        ArtifactRef(uri=target.resolve().as_uri(), sha256="", size_bytes=_size(manifest))
+    )
+    (target / MANIFEST).write_text(to_json(manifest))
+    manifest.artifact.sha256 = sha256_file(target / MANIFEST)
+    return manifest
+
+
+def _size(manifest: tr.AdapterManifest) -> int:
+    return sum(f.size_bytes for f in manifest.files)
+
+
+def artifact_prefix(tenant_id: str, adapter: AdapterRef) -> str:
+    """Where an adapter version lives in the artifact store."""
+    return f"adapters/{tenant_id}/{adapter.name}/{adapter.version}"
+
+
+def publish(store: ArtifactStore, manifest: tr.AdapterManifest, source: Path) -> tr.AdapterManifest:
+    """Copy the adapter's files and its manifest into the store; the manifest's artifact
+    points at the folder, with the manifest file's sha256 (which covers every file's)."""
+    prefix = artifact_prefix(manifest.tenant_id, manifest.adapter)
+    for digest in manifest.files:
+        stored = store.put_file(f"{prefix}/{digest.path}", source / digest.path)
+        if stored.sha256 != digest.sha256:
+            raise RuntimeError(f"{digest.path} changed while it was being published")
+    manifest.artifact.CopyFrom(ArtifactRef(uri=store.uri(prefix), size_bytes=_size(manifest)))
+    info = store.put_bytes(f"{prefix}/{MANIFEST}", to_json(manifest).encode())
+    manifest.artifact.sha256 = info.sha256
+    return manifest
