@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flywheel.dataset.curation import Curation, Dropped
+from flywheel.dataset.curation import Curation, Dropped, Votes
 from flywheel.dataset.exports import (
     canonical_line,
     is_conversational,
@@ -144,9 +144,13 @@ def build(
     generations: Mapping[str, GenerationText],
     options: BuildOptions,
     counter: TokenCounter,
+    votes: dict[str, Votes] | None = None,
 ) -> BuildResult:
-    """Build the rows ``options`` ask for from ``facts`` (as of the options' cutoff)."""
-    curation = Curation(facts, generations, options)
+    """Build the rows ``options`` ask for from ``facts`` (as of the options' cutoff).
+
+    ``votes``: the generations' votes, already summed up (see :class:`Curation`).
+    """
+    curation = Curation(facts, generations, options, votes)
     candidates = curation.candidates()
     passed, dropped = check(candidates, options, counter)
     conversational = is_conversational([ch.candidate for ch in passed])

@@ -62,8 +62,8 @@ class Dropped:
     detail: str = ""
 
 
-class _Votes:
-    """What the feedback on one generation says.
+class Votes:
+    """What the feedback on one generation says (also summed up by PostgreSQL: pg_input).
 
     A plain slotted class: a build makes one per judged generation (hundreds of thousands),
     and a dataclass with default factories costs several times more to create.
@@ -91,7 +91,7 @@ def _source(sources: Iterable[str]) -> str:
     return HUMAN if HUMAN in unique else ",".join(unique)
 
 
-def _mean_scores(votes: _Votes | None) -> dict[str, float]:
+def _mean_scores(votes: Votes | None) -> dict[str, float]:
     if votes is None or votes.scores is None:
         return {}
     return {dim: sum(v) / len(v) for dim, v in sorted(votes.scores.items())}
@@ -105,7 +105,14 @@ class Curation:
         facts: Iterable[FeedbackFact],
         generations: Mapping[str, GenerationText],
         options: BuildOptions,
+        votes: dict[str, Votes] | None = None,
     ) -> None:
+        """``votes``: the generations' votes already summed up from the facts (pair kinds
+        only: such votes carry ratings, events, sources and scores, no for/against weights),
+        in which case ``facts`` need only be the preferences and corrections."""
+        if votes is not None and options.kind not in ("preference", "reward"):
+            raise ValueError(f"precomputed votes cannot build a {options.kind} dataset")
+        self._given_votes = votes
         self.options = options
         self.generations = generations
         self.dropped: list[Dropped] = []
@@ -132,9 +139,11 @@ class Curation:
             self.dropped.append(Dropped("missing_generation", (fact.event_id,), (generation_id,)))
         return text
 
-    def _votes(self) -> dict[str, _Votes]:
+    def _votes(self) -> dict[str, Votes]:
+        if self._given_votes is not None:
+            return self._given_votes
         o = self.options
-        votes: dict[str, _Votes] = defaultdict(_Votes)
+        votes: dict[str, Votes] = defaultdict(Votes)
         for f in self.facts:
             v = votes[f.generation_id]
             weight = o.weight(f.human)
@@ -164,7 +173,7 @@ class Curation:
                 v.sources.add(f.source)
         return votes
 
-    def _single(self, generation_id: str, votes: _Votes, label: bool | None) -> Candidate | None:
+    def _single(self, generation_id: str, votes: Votes, label: bool | None) -> Candidate | None:
         text = self.generations.get(generation_id)
         if text is None:
             self.dropped.append(
@@ -251,7 +260,7 @@ class Curation:
             )
         return rows
 
-    def _explicit(self, votes: Mapping[str, _Votes]) -> tuple[list[Candidate], set[frozenset[str]]]:
+    def _explicit(self, votes: Mapping[str, Votes]) -> tuple[list[Candidate], set[frozenset[str]]]:
         by_pair: dict[tuple[str, str], list[FeedbackFact]] = defaultdict(list)
         for f in self.facts:
             if f.kind == "preference" and f.generation_b_id:
@@ -316,7 +325,7 @@ class Curation:
         return latest, sum(wins) / len(wins)
 
     def _derived(
-        self, votes: Mapping[str, _Votes], decided: set[frozenset[str]]
+        self, votes: Mapping[str, Votes], decided: set[frozenset[str]]
     ) -> list[Candidate]:
         o = self.options
         by_prompt: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)

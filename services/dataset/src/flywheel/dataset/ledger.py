@@ -22,6 +22,7 @@ from flywheel.core.events.bus import EventRecord
 from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.inbox import claim_events
 from flywheel.core.events.topics import EventType
+from flywheel.dataset import pg_input
 from flywheel.dataset.models import FeedbackVersion, SourceGeneration
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.records import (
@@ -171,6 +172,24 @@ async def load_facts(
             ).tuples()
         }
     return facts, generations
+
+
+async def load_pair_input(
+    sessions: SessionFactory, tenant_id: str, options: BuildOptions
+) -> pg_input.PairInput | None:
+    """A pair build's input with the votes summed up by PostgreSQL (see pg_input); None
+    where the database cannot do that for these options (then use :func:`load_facts`)."""
+    async with sessions() as session:
+        conn = await session.connection()
+        if conn.dialect.name != "postgresql" or not pg_input.applies(
+            conn.dialect.driver, options
+        ):
+            return None
+        raw = await conn.get_raw_connection()
+        try:
+            return await pg_input.load_pair_input(raw.driver_connection, tenant_id, options)
+        except pg_input.InexactVotes:
+            return None
 
 
 async def count_usable_since(

@@ -31,6 +31,7 @@ from flywheel.core.events.outbox import add_event
 from flywheel.core.paging import Page
 from flywheel.dataset import ledger, policy
 from flywheel.dataset.builder import BuildResult, build
+from flywheel.dataset.curation import Votes
 from flywheel.dataset.models import FeedbackVersion, TriggerPolicyRow
 from flywheel.dataset.options import KIND_NAMES, BuildOptions, resolve
 from flywheel.dataset.records import FeedbackFact, GenerationText
@@ -134,6 +135,10 @@ class DatasetService:
 
     async def run_build(self, tenant_id: str, options: BuildOptions) -> BuildResult:
         """Build the rows ``options`` ask for from the tenant's feedback as of the cutoff."""
+        # Pairs on PostgreSQL: the database sums the votes up (same result, far less to read).
+        summed = await ledger.load_pair_input(self.sessions, tenant_id, options)
+        if summed is not None:
+            return await self._build(summed.facts, summed.generations, options, summed.votes)
         facts, generations = await ledger.load_facts(self.sessions, tenant_id, options)
         return await self._build(facts, generations, options)
 
@@ -142,10 +147,11 @@ class DatasetService:
         facts: list[FeedbackFact],
         generations: dict[str, GenerationText],
         options: BuildOptions,
+        votes: dict[str, Votes] | None = None,
     ) -> BuildResult:
         counter = load_token_counter(options.tokenizer)
         # CPU-bound: off the event loop, so RPCs and the consumer keep going meanwhile.
-        return await asyncio.to_thread(build, facts, generations, options, counter)
+        return await asyncio.to_thread(build, facts, generations, options, counter, votes)
 
     async def build_snapshot(
         self, tenant_id: str, spec: ds.SnapshotSpec, *, trigger: str = "manual"
