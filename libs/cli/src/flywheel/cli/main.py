@@ -19,6 +19,7 @@ from flywheel.cli.services import GRPC_BASE_PORT, ServicePorts, plan_ports
 from flywheel.cli.supervisor import Supervisor, gateway_ready, health_of, read_state
 from flywheel.dataset import cli as dataset_cli
 from flywheel.trainer import cli as trainer_cli
+from flywheel.trainer import train_cli
 
 STACKS = ("embedded", "postgres+kafka")
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
     dataset_cli.add_parser(sub)
     trainer_cli.add_parser(sub)
+    train_cli.add_parser(sub)
     return parser
 
 
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(admin.create_key(args.feedback, args.tenant, args.role, args.name))
     if args.command == "dataset":
         return dataset_cli.run(args)
+    if args.command == "train":
+        return train_cli.run(args)
     if args.command == "bootstrap-model":
         return trainer_cli.run(args)
     command = {"up": cmd_up, "status": cmd_status, "demo": cmd_demo}[args.command]

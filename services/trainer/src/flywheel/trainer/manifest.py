@@ -7,6 +7,7 @@ a consumer can verify every file's sha256 before loading anything.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from google.protobuf.struct_pb2 import Struct
 from flywheel.contracts.common.v1.common_pb2 import AdapterRef, ArtifactRef, FileDigest, Lineage
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.artifacts import ArtifactStore, sha256_file
+from flywheel.core.layout import adapter_prefix
 from flywheel.trainer.fingerprints import base_model_digest
 from flywheel.trainer.spec import TrainSpec
 from flywheel.trainer.training import Outcome
@@ -44,6 +46,21 @@ def file_digests(folder: Path) -> list[FileDigest]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     ]
+
+
+def content_digest(folder: Path) -> str:
+    """sha256 over the folder's file digests: a content-derived adapter version."""
+    lines = "".join(f"{d.path} {d.sha256}\n" for d in file_digests(folder))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def parent_ref(parent: Path | None) -> AdapterRef | None:
+    """The parent adapter's reference: from its manifest when it has one, else its folder."""
+    if parent is None:
+        return None
+    if (parent / MANIFEST).is_file():
+        return read_manifest(parent).adapter
+    return AdapterRef(name=parent.resolve().name, version="local")
 
 
 def build_manifest(
@@ -127,15 +144,10 @@ def _size(manifest: tr.AdapterManifest) -> int:
     return sum(f.size_bytes for f in manifest.files)
 
 
-def artifact_prefix(tenant_id: str, adapter: AdapterRef) -> str:
-    """Where an adapter version lives in the artifact store."""
-    return f"adapters/{tenant_id}/{adapter.name}/{adapter.version}"
-
-
 def publish(store: ArtifactStore, manifest: tr.AdapterManifest, source: Path) -> tr.AdapterManifest:
     """Copy the adapter's files and its manifest into the store; the manifest's artifact
     points at the folder, with the manifest file's sha256 (which covers every file's)."""
-    prefix = artifact_prefix(manifest.tenant_id, manifest.adapter)
+    prefix = adapter_prefix(manifest.tenant_id, manifest.adapter.name, manifest.adapter.version)
     for digest in manifest.files:
         stored = store.put_file(f"{prefix}/{digest.path}", source / digest.path)
         if stored.sha256 != digest.sha256:

@@ -139,7 +139,9 @@ def run(
     trainer_class = None
     if cache is not None:
         trainer_class, extra = CachedReferenceDPOTrainer, {"reference_cache": cache}
-    all_callbacks: list[TrainerCallback] = [checkpoints.CompletionMarker(), *(callbacks or [])]
+    # The marker goes last: a checkpoint is complete only once every other callback has
+    # seen it saved.
+    all_callbacks: list[TrainerCallback] = [*(callbacks or []), checkpoints.CompletionMarker()]
     if on_progress is not None:
         all_callbacks.append(ProgressReporter(on_progress))
     set_seed(spec.seed)
