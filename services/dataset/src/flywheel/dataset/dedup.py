@@ -109,7 +109,13 @@ def exact_key(*parts: str) -> str:
     normalized part, because Python counts it as whitespace and :func:`normalize` turns it
     into a space.
     """
-    joined = "\x1f".join(normalize(part) for part in parts)
+    return normalized_key(*(normalize(part) for part in parts))
+
+
+def normalized_key(*normalized: str) -> str:
+    """:func:`exact_key` of parts already normalized (a caller may normalize each distinct
+    text once)."""
+    joined = "\x1f".join(normalized)
     return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()
 
 

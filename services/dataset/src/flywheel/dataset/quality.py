@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flywheel.dataset.curation import Candidate, Dropped
-from flywheel.dataset.dedup import NearDuplicateIndex, exact_key, normalize
+from flywheel.dataset.dedup import NearDuplicateIndex, normalize, normalized_key
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.records import PromptValue
 from flywheel.dataset.tokens import TokenCounter
@@ -40,7 +40,16 @@ class Checked:
     tokens: int
 
 
-def _format_problem(c: Candidate) -> str:
+class _Normalized(dict[str, str]):
+    """:func:`normalize` of each distinct text, computed once: rows share prompts and
+    outputs (a prompt's pairs, an output in several pairs), so most lookups are repeats."""
+
+    def __missing__(self, text: str) -> str:
+        value = self[text] = normalize(text)
+        return value
+
+
+def _format_problem(c: Candidate, normalized: _Normalized) -> str:
     if isinstance(c.prompt, str):
         if not c.prompt.strip():
             return "empty prompt"
@@ -52,9 +61,15 @@ def _format_problem(c: Candidate) -> str:
             return f"unknown chat role {unknown[0]!r}"
     if any(not text.strip() for text in c.completions):
         return "empty completion"
-    if len(c.completions) == 2 and normalize(c.completions[0]) == normalize(c.completions[1]):
+    if len(c.completions) == 2 and normalized[c.completions[0]] == normalized[c.completions[1]]:
         return "chosen and rejected are the same text"
     return ""
+
+
+def _token_counts(counter: TokenCounter, texts: list[str]) -> dict[str, int]:
+    """Tokens of each distinct text, counted once (a count depends on the text alone)."""
+    distinct = list(dict.fromkeys(texts))
+    return dict(zip(distinct, counter.count_many(distinct), strict=True))
 
 
 def check(
@@ -62,26 +77,25 @@ def check(
 ) -> tuple[list[Checked], list[Dropped]]:
     """The candidates that pass every check, and the ones dropped with their reasons."""
     dropped: list[Dropped] = []
+    normalized = _Normalized()
 
     def drop(c: Candidate, reason: str, detail: str = "") -> None:
         dropped.append(Dropped(reason, c.event_ids, c.generation_ids, detail))
 
     well_formed = []
     for c in candidates:
-        problem = _format_problem(c)
+        problem = _format_problem(c, normalized)
         if problem:
             drop(c, "invalid_format", problem)
         else:
             well_formed.append(c)
 
     prompts = [render_prompt(c.prompt) for c in well_formed]
-    prompt_tokens = counter.count_many(prompts)
-    completion_tokens = counter.count_many([t for c in well_formed for t in c.completions])
+    tokens = _token_counts(counter, [*prompts, *(t for c in well_formed for t in c.completions)])
     fitting: list[tuple[Candidate, str, int]] = []
-    at = 0
-    for c, prompt, p_tokens in zip(well_formed, prompts, prompt_tokens, strict=True):
-        c_tokens = completion_tokens[at : at + len(c.completions)]
-        at += len(c.completions)
+    for c, prompt in zip(well_formed, prompts, strict=True):
+        p_tokens = tokens[prompt]
+        c_tokens = [tokens[t] for t in c.completions]
         if p_tokens > options.max_prompt_tokens:
             drop(c, "too_long", f"prompt has {p_tokens} tokens")
         elif max(c_tokens) > options.max_completion_tokens:
@@ -91,15 +105,15 @@ def check(
 
     seen: set[str] = set()
     unique: list[tuple[Candidate, str, int, str]] = []
-    for c, prompt, tokens in fitting:
+    for c, prompt, tokens_of_row in fitting:
         label = "" if c.label is None else str(c.label)
-        key = exact_key(prompt, *c.completions, label)
+        parts = (prompt, *c.completions, label)
+        key = normalized_key(*(normalized[part] for part in parts))
         if key in seen:
             drop(c, "exact_duplicate")
             continue
         seen.add(key)
-        unique.append((c, "\n".join((prompt, *c.completions, label)), tokens, key))
-
+        unique.append((c, "\n".join(parts), tokens_of_row, key))
     originals: list[str | None] = [None] * len(unique)
     if options.near_duplicate_threshold < 1.0:
         near = NearDuplicateIndex(threshold=options.near_duplicate_threshold, seed=options.seed + 1)

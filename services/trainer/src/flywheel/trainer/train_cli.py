@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flywheel.trainer.spec import ADAPTER_TYPES, METHODS, LoraSettings, TrainSpec
+from flywheel.trainer.spec import METHODS, LoraSettings, TrainSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--method", choices=METHODS, default="sft")
     p.add_argument("--output", type=Path, required=True, help="folder for the adapter")
     p.add_argument("--adapter-name", help="default: the output folder's name")
-    p.add_argument("--adapter-type", default="task", help=f"{', '.join(ADAPTER_TYPES)} or a domain's own")  # fmt: skip
+    p.add_argument("--adapter-type", default="task", help="brand, retailer, task, or a domain's own")
     p.add_argument("--task", default="", help="task type it is for, e.g. retail_media.budgeting")
     p.add_argument("--parent-adapter", type=Path, help="continue training this adapter folder")
     p.add_argument("--lora-r", type=int, default=16)
