@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("sft", "dpo", "kto", "orpo", "reward", "grpo", "rloo")
-ADAPTER_TYPES = ("brand", "retailer", "task")
 
 
 @dataclass(frozen=True)

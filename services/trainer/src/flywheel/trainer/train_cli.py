@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--method", choices=METHODS, default="sft")
     p.add_argument("--output", type=Path, required=True, help="folder for the adapter")
     p.add_argument("--adapter-name", help="default: the output folder's name")
-    p.add_argument("--adapter-type", default="task", help="brand, retailer, task, or a domain's own")
+    p.add_argument("--adapter-type", default="task", help="brand, retailer, task or a domain's own")
     p.add_argument("--task", default="", help="task type it is for, e.g. retail_media.budgeting")
     p.add_argument("--parent-adapter", type=Path, help="continue training this adapter folder")
     p.add_argument("--lora-r", type=int, default=16)
