@@ -105,3 +105,10 @@ def last_step(root: Path) -> int | None:
         if is_complete(folder):
             return step
     return None
+
+
+def last_marked_step(root: Path) -> int | None:
+    """Step of the newest checkpoint with a marker, without reading its files: cheap
+    enough to report every few seconds (resuming uses `latest_complete`, which verifies)."""
+    marked = [step for step, folder in _checkpoints(root) if (folder / MARKER).is_file()]
+    return marked[-1] if marked else None

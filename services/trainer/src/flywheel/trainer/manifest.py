@@ -11,7 +11,7 @@ import hashlib
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
@@ -22,7 +22,22 @@ from flywheel.core.artifacts import ArtifactStore, sha256_file
 from flywheel.core.layout import adapter_prefix
 from flywheel.trainer.fingerprints import base_model_digest
 from flywheel.trainer.spec import TrainSpec
-from flywheel.trainer.training import Outcome
+
+
+class TrainedAdapter(Protocol):
+    """What a finished run tells the manifest: `training.Outcome` in the process that
+    trained, `runner.RecordedOutcome` in the service that reads its outcome.json (which
+    must not import torch)."""
+
+    @property
+    def adapter_dir(self) -> Path: ...
+    @property
+    def metrics(self) -> dict[str, float]: ...
+    @property
+    def hyperparameters(self) -> dict[str, Any]: ...
+    @property
+    def lora(self) -> dict[str, Any]: ...
+
 
 MANIFEST = "manifest.json"
 METHODS: dict[str, int] = {
@@ -65,7 +80,7 @@ def parent_ref(parent: Path | None) -> AdapterRef | None:
 
 def build_manifest(
     spec: TrainSpec,
-    outcome: Outcome,
+    outcome: TrainedAdapter,
     *,
     tenant_id: str,
     adapter: AdapterRef,

@@ -40,6 +40,27 @@ def write_json_atomically(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass(frozen=True)
+class RecordedOutcome:
+    """A finished run's outcome as the job process recorded it in outcome.json."""
+
+    adapter_dir: Path
+    metrics: dict[str, float]
+    hyperparameters: dict[str, Any]
+    lora: dict[str, Any]
+    steps: int
+    resumed_from_step: int | None
+
+    @classmethod
+    def read(cls, work_dir: Path) -> RecordedOutcome | None:
+        data = read_outcome(work_dir)
+        if data is None:
+            return None
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        return cls(**{**values, "adapter_dir": Path(data["adapter_dir"])})
+
+
 def read_outcome(work_dir: Path) -> dict[str, Any] | None:
     """The finished run's outcome, or None while there is none."""
     try:
@@ -84,7 +105,9 @@ def run_job(work_dir: Path, callbacks: list[Any] | None = None) -> int:
     result = dataclasses.asdict(outcome)
     result["adapter_dir"] = str(outcome.adapter_dir)
     write_json_atomically(work_dir / OUTCOME, result)
-    log.info("done: %d steps, adapter in %s", outcome.steps, outcome.adapter_dir)
+    resumed = outcome.resumed_from_step
+    how = f"resumed from step {resumed}" if resumed is not None else "from the start"
+    log.info("done: %d steps, %s; adapter in %s", outcome.steps, how, outcome.adapter_dir)
     return 0
 
 
