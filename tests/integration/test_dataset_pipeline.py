@@ -1,10 +1,13 @@
-"""Feedback posted through the gateway becomes a snapshot, and training is requested on time.
+"""Feedback posted through the gateway becomes a snapshot, training is requested on time,
+and the trainer turns the request into an adapter.
 
 The real stack as separate processes (`flywheel up` on PostgreSQL + Kafka): REST -> feedback
 service -> outbox -> Kafka -> dataset service (consumer group ``dataset``) -> snapshot ->
-``training.requested`` on Kafka. The policy is set to fire at 6 usable examples: after 5
-nothing may be requested; the 6th triggers one DPO request on a preference snapshot whose
-rows and lineage (feedback event ids) are exactly what was posted.
+``training.requested`` on Kafka -> trainer (consumer group ``trainer``) -> job process ->
+adapter in the artifact store -> ``adapter.published`` on Kafka. The policy is set to fire
+at 6 usable examples: after 5 nothing may be requested; the 6th triggers one DPO request
+on a preference snapshot whose rows and lineage (feedback event ids) are exactly what was
+posted, and exactly one job and one adapter come of it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ from flywheel.contracts.dataset.v1 import resources_pb2 as ds
 from flywheel.contracts.dataset.v1 import service_pb2 as dsapi
 from flywheel.contracts.dataset.v1.service_pb2_grpc import DatasetServiceStub
 from flywheel.contracts.feedback.v1 import events_pb2 as fe
+from flywheel.contracts.trainer.v1 import events_pb2 as te
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
+from flywheel.contracts.trainer.v1 import service_pb2 as trapi
+from flywheel.contracts.trainer.v1.service_pb2_grpc import TrainerServiceStub
+from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.testing.local_infra import LocalKafka
 from flywheel.core.testing.stack import running_stack
+from flywheel.trainer.bootstrap import bootstrap_model
+from flywheel.trainer.testing import TINY
 
 pytestmark = pytest.mark.integration
 
@@ -79,14 +88,17 @@ def _wait_for(condition: Any, seconds: float, what: str) -> None:
 def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
     tmp_path: Path, pg_url: str, kafka: LocalKafka
 ) -> None:
+    base_model = bootstrap_model(tmp_path / "models", TINY, progress=False)
     policy = {
         "FLYWHEEL_POLICY_MIN_NEW_EXAMPLES": "6",
         "FLYWHEEL_POLICY_MIN_PREFERENCE_PAIRS": "2",
         "FLYWHEEL_POLICY_COOLDOWN_S": "0",
-        "FLYWHEEL_POLICY_BASE_MODEL": "tiny-llama",
+        "FLYWHEEL_POLICY_BASE_MODEL": str(base_model),
         "FLYWHEEL_DATASET_EVAL_FRACTION": "0",
+        "FLYWHEEL_TRAINER_POLL_S": "0.3",
     }
     training = _consumer(kafka, "flywheel.training.v1", "test-training")
+    adapters = _consumer(kafka, "flywheel.adapters.v1", "test-adapters")
     feedback_events = _consumer(kafka, "flywheel.feedback.v1", "test-feedback")
     with (
         running_stack(tmp_path, pg_url, kafka.bootstrap, policy) as stack,
@@ -131,12 +143,12 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
         assert _drain(training, 3.0) == [], "training requested below the threshold"
 
         mine["down"] = feedback_on(a2, {"thumbs": "down"})  # the sixth
-        requests = _drain(training, 60.0, want=1)
-        assert [e.type for e in requests] == ["training.requested"]
+        requests = [e for e in _drain(training, 60.0, want=2) if e.type == "training.requested"]
+        assert len(requests) == 1
         request = unpack(requests[0], de.TrainingRequested).request
         assert request.tenant_id == TENANT
         assert request.spec.method == tr.TRAINING_METHOD_DPO
-        assert request.spec.base_model == "tiny-llama"
+        assert request.spec.base_model == str(base_model)
         assert request.reason.startswith("policy: 6 new examples")
 
         snapshot = dataset.GetSnapshot(
@@ -184,7 +196,26 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
         assert {frozenset(line["event_ids"]) for line in lineage} == expected
         assert snapshot.source_event_count == 4
 
+        # The trainer made one job of the request, and the job one adapter.
+        (published,) = _drain(adapters, 180.0, want=1)
+        manifest = unpack(published, te.AdapterPublished).manifest
+        assert manifest.lineage.training_request_id == request.training_request_id
+        assert manifest.lineage.dataset_snapshot_id == snapshot.snapshot_id
+        assert manifest.adapter.version == "v1"
+        store = LocalArtifactStore(stack.data_dir / "artifacts")
+        prefix = store.key_of(manifest.artifact.uri)
+        for digest in manifest.files:
+            assert store.info(f"{prefix}/{digest.path}").sha256 == digest.sha256
+        with grpc.insecure_channel(stack.grpc("trainer")) as trainer_channel:
+            jobs = TrainerServiceStub(trainer_channel).ListJobs(
+                trapi.ListJobsRequest(tenant_id=TENANT), timeout=30
+            ).jobs
+        assert [(j.state, j.adapter) for j in jobs] == [(tr.JOB_STATE_SUCCEEDED, manifest.adapter)]
+
         # Nothing new arrived: the policy stays quiet.
-        assert _drain(training, 3.0) == []
+        # (the trainer's job events share the topic).
+        assert [e for e in _drain(training, 3.0) if e.type == "training.requested"] == []
+        assert _drain(adapters, 1.0) == []
+    adapters.close()
     training.close()
     feedback_events.close()
