@@ -15,6 +15,9 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
+from flywheel.trainer.bootstrap import bootstrap_model
+from flywheel.trainer.testing import TINY
+
 pytestmark = pytest.mark.integration
 
 FLYWHEEL = [sys.executable, "-m", "flywheel.cli.main"]
@@ -108,15 +111,20 @@ def test_demo_on_postgres_and_kafka_gives_each_service_its_schema(
     tmp_path: Path, pg_url: str, kafka: object
 ) -> None:
     bootstrap = kafka.bootstrap  # type: ignore[attr-defined]
+    # A tiny base model, so the demo's DPO job takes seconds (the real demo builds and
+    # caches the few-minute bootstrap model).
+    base_model = bootstrap_model(tmp_path / "models", TINY, progress=False)
     result = subprocess.run(
         [
-            *FLYWHEEL, "demo", "--free-ports", "--data-dir", str(tmp_path),
+            *FLYWHEEL, "demo", "--free-ports", "--data-dir", str(tmp_path / "data"),
             "--stack", "postgres+kafka", "--database-url", pg_url, "--kafka-bootstrap", bootstrap,
+            "--base-model", str(base_model),
         ],
-        capture_output=True, text=True, env=_env(), timeout=180,
+        capture_output=True, text=True, env=_env(), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "every service was healthy and feedback became a training request" in result.stdout
+    assert "feedback became a training request and a published adapter" in result.stdout
+    assert "adapter demo-" in result.stdout
 
     async def schemas() -> set[str]:
         url = make_url(pg_url).set(drivername="postgresql")

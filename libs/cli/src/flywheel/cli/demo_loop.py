@@ -3,8 +3,8 @@
 A tenant and an integrator key are made on the feedback service; generations and feedback
 (ratings of a good and a bad budget split per prompt, and some A/B preferences) go through
 the gateway's REST API; the dataset service consumes the events, its trigger policy builds a
-preference snapshot and requests DPO training on it. The demo waits for that snapshot and
-prints what it holds.
+preference snapshot and requests DPO training on it; the trainer runs the job and publishes
+a LoRA adapter. The demo follows each step and prints what it produced.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from flywheel.contracts.dataset.v1.service_pb2_grpc import DatasetServiceStub
 from flywheel.contracts.feedback.v1 import resources_pb2 as fb
 from flywheel.contracts.feedback.v1 import service_pb2 as fbapi
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
+from flywheel.contracts.trainer.v1 import resources_pb2 as tr
+from flywheel.contracts.trainer.v1 import service_pb2 as trapi
+from flywheel.contracts.trainer.v1.service_pb2_grpc import TrainerServiceStub
 
 # What `flywheel demo` sets for the dataset service, so a few dozen examples trigger it.
 DEMO_POLICY = {
@@ -56,7 +59,9 @@ def _examples() -> list[tuple[str, str, str]]:
     return out
 
 
-async def run_loop(gateway: str, feedback: str, dataset: str, timeout_s: float = 90) -> bool:
+async def run_loop(
+    gateway: str, feedback: str, dataset: str, trainer: str, timeout_s: float = 90
+) -> bool:
     """Drive one turn of the loop; print what happened; whether it worked."""
     tenant = f"demo-{uuid.uuid4().hex[:8]}"
     async with grpc.aio.insecure_channel(feedback) as channel:
@@ -98,8 +103,33 @@ async def run_loop(gateway: str, feedback: str, dataset: str, timeout_s: float =
         f"): {stats.train_rows} train + {stats.eval_rows} eval rows, {stats.tokens} tokens, "
         f"dropped {dict(snapshot.quality.dropped_by_reason) or 'nothing'}"
     )
-    print("demo: training.requested published with it (the trainer service is the next issue)")
+    print("demo: training.requested published with it; waiting for the trainer's job")
+    job = await _training_job(trainer, tenant, timeout_s=max(timeout_s, 300))
+    if job is None or job.state != tr.JOB_STATE_SUCCEEDED:
+        reason = job.state_reason if job is not None else "no job finished in time"
+        print(f"demo: training did not succeed: {reason}")
+        return False
+    progress = job.progress
+    print(
+        f"demo: job {job.job_id[:8]} ({tr.TrainingMethod.Name(job.spec.method)}) succeeded: "
+        f"{progress.step} steps, loss {progress.loss:.4f}, {progress.tokens_per_second:.0f} tokens/s"
+    )
+    print(f"demo: adapter {job.adapter.name} {job.adapter.version} published (adapter.published)")
     return True
+
+
+async def _training_job(trainer: str, tenant: str, timeout_s: float) -> tr.Job | None:
+    """The tenant's first training job once it has finished."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    finished = (tr.JOB_STATE_SUCCEEDED, tr.JOB_STATE_FAILED, tr.JOB_STATE_CANCELLED)
+    async with grpc.aio.insecure_channel(trainer) as channel:
+        stub = TrainerServiceStub(channel)
+        while asyncio.get_running_loop().time() < deadline:
+            jobs = (await stub.ListJobs(trapi.ListJobsRequest(tenant_id=tenant))).jobs
+            if jobs and jobs[-1].state in finished:
+                return jobs[-1]
+            await asyncio.sleep(1.0)
+    return None
 
 
 async def _policy_snapshot(dataset: str, tenant: str, timeout_s: float) -> ds.Snapshot | None:

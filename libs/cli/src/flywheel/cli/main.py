@@ -119,9 +119,23 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(v == "SERVING" for v in statuses.values()) else 1
 
 
+def _demo_base_model(args: argparse.Namespace) -> str:
+    """The base model the demo trains on: ``--base-model``, or the bootstrap model (built
+    the first time, a few CPU minutes; cached under the data folder after that)."""
+    if args.base_model:
+        return str(args.base_model)
+    from flywheel.trainer.bootstrap import bootstrap_model
+
+    root = args.data_dir.resolve() / "models"
+    print(f"flywheel demo: base model from `flywheel bootstrap-model` (cached in {root})")
+    return str(bootstrap_model(root))
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     """Start every service, check each is healthy, turn the loop once, and shut down."""
-    supervisor, healthy = await _start(args, demo_loop.DEMO_POLICY)
+    base_model = await asyncio.to_thread(_demo_base_model, args)
+    env = demo_loop.DEMO_POLICY | {"FLYWHEEL_POLICY_BASE_MODEL": base_model}
+    supervisor, healthy = await _start(args, env)
     turned = False
     try:
         if healthy:
@@ -130,6 +144,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                 f"http://127.0.0.1:{ports['gateway'].http_port}",
                 f"127.0.0.1:{ports['feedback'].grpc_port}",
                 f"127.0.0.1:{ports['dataset'].grpc_port}",
+                f"127.0.0.1:{ports['trainer'].grpc_port}",
             )
     finally:
         await supervisor.stop_all()
@@ -138,7 +153,10 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     elif not turned:
         print(f"flywheel demo: FAILED (the loop did not turn; logs in {args.data_dir / 'logs'})")
     else:
-        print("flywheel demo: every service was healthy and feedback became a training request")
+        print(
+            "flywheel demo: every service was healthy, and feedback became a training request"
+            " and a published adapter"
+        )
     return 0 if healthy and turned else 1
 
 
@@ -168,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--free-ports", action="store_true", help="pick free ports instead of the defaults"
         )
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+        if name == "demo":
+            p.add_argument(
+                "--base-model", type=Path,
+                help="model folder to train on (default: the cached bootstrap model)",
+            )  # fmt: skip
     common(sub.add_parser("status", help="show the health of running services"))
     admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
     dataset_cli.add_parser(sub)
