@@ -207,9 +207,11 @@ def test_feedback_through_the_gateway_becomes_a_snapshot_and_a_training_request(
         for digest in manifest.files:
             assert store.info(f"{prefix}/{digest.path}").sha256 == digest.sha256
         with grpc.insecure_channel(stack.grpc("trainer")) as trainer_channel:
-            jobs = TrainerServiceStub(trainer_channel).ListJobs(
-                trapi.ListJobsRequest(tenant_id=TENANT), timeout=30
-            ).jobs
+            jobs = (
+                TrainerServiceStub(trainer_channel)
+                .ListJobs(trapi.ListJobsRequest(tenant_id=TENANT), timeout=30)
+                .jobs
+            )
         assert [(j.state, j.adapter) for j in jobs] == [(tr.JOB_STATE_SUCCEEDED, manifest.adapter)]
 
         # Nothing new arrived: the policy stays quiet.

@@ -109,10 +109,10 @@ async def run_loop(
         reason = job.state_reason if job is not None else "no job finished in time"
         print(f"demo: training did not succeed: {reason}")
         return False
-    progress = job.progress
+    p = job.progress
     print(
         f"demo: job {job.job_id[:8]} ({tr.TrainingMethod.Name(job.spec.method)}) succeeded: "
-        f"{progress.step} steps, loss {progress.loss:.4f}, {progress.tokens_per_second:.0f} tokens/s"
+        f"{p.step} steps, loss {p.loss:.4f}, {p.tokens_per_second:.0f} tokens/s"
     )
     print(f"demo: adapter {job.adapter.name} {job.adapter.version} published (adapter.published)")
     return True
@@ -125,7 +125,9 @@ async def _training_job(trainer: str, tenant: str, timeout_s: float) -> tr.Job |
     async with grpc.aio.insecure_channel(trainer) as channel:
         stub = TrainerServiceStub(channel)
         while asyncio.get_running_loop().time() < deadline:
-            jobs = (await stub.ListJobs(trapi.ListJobsRequest(tenant_id=tenant))).jobs
+            jobs: list[tr.Job] = list(
+                (await stub.ListJobs(trapi.ListJobsRequest(tenant_id=tenant))).jobs
+            )
             if jobs and jobs[-1].state in finished:
                 return jobs[-1]
             await asyncio.sleep(1.0)

@@ -6,15 +6,18 @@ preview returns part of it, and `flywheel dataset build` writes it to a folder.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from flywheel.dataset.curation import Curation, Dropped, Votes
 from flywheel.dataset.exports import (
+    LineEncoder,
     canonical_line,
     is_conversational,
     openai_preference_row,
@@ -150,21 +153,50 @@ def build(
 
     ``votes``: the generations' votes, already summed up (see :class:`Curation`).
     """
+    with _gc_paused():
+        return _build(facts, generations, options, counter, votes)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a while (when it was on).
+
+    A build allocates millions of small objects, none in cycles, and keeps most of them:
+    every full collection meanwhile walks them all, for nothing (a tenth of a build's time).
+    Reference counting still frees everything; cycles made elsewhere meanwhile wait.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _build(
+    facts: Iterable[FeedbackFact],
+    generations: Mapping[str, GenerationText],
+    options: BuildOptions,
+    counter: TokenCounter,
+    votes: dict[str, Votes] | None,
+) -> BuildResult:
     curation = Curation(facts, generations, options, votes)
     candidates = curation.candidates()
     passed, dropped = check(candidates, options, counter)
     conversational = is_conversational([ch.candidate for ch in passed])
     with_scores = options.kind == "reward" and any(any(ch.candidate.scores) for ch in passed)
     splits = {name: SplitRows() for name in SPLITS}
+    encoder = LineEncoder()
     for ch in passed:
         rows = splits["eval" if in_eval(ch.candidate.prompt_hash, options) else "train"]
         row = trl_row(
             ch.candidate, options.kind, conversational=conversational, with_scores=with_scores
         )
-        rows.lines.append(canonical_line(row))
+        rows.lines.append(encoder.line(row))
         rows.checked.append(ch)
         if options.kind in ("preference", "reward"):
-            rows.openai_lines.append(canonical_line(openai_preference_row(ch.candidate)))
+            rows.openai_lines.append(encoder.line(openai_preference_row(ch.candidate)))
     return BuildResult(
         options=options,
         tokenizer=counter.name,

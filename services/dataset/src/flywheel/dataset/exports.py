@@ -72,3 +72,33 @@ def openai_preference_row(c: Candidate) -> dict[str, Any]:
 def canonical_line(row: dict[str, Any]) -> str:
     """``row`` as one canonical JSON line (sorted keys, no spaces, UTF-8 kept)."""
     return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+class LineEncoder:
+    """:func:`canonical_line`, with each distinct string encoded once.
+
+    The rows of a snapshot share most of their strings (a prompt is in each of its pairs, an
+    output in several, and every row repeats the same keys), and encoding them is most of
+    the work. Dicts (with string keys) and lists are assembled here exactly as ``json.dumps``
+    assembles them with sorted keys and no spaces; every other value is ``json.dumps``'s own.
+    """
+
+    def __init__(self) -> None:
+        self._strings: dict[str, str] = {}
+
+    def line(self, row: dict[str, Any]) -> str:
+        """``canonical_line(row)``."""
+        return self._encode(row) + "\n"
+
+    def _encode(self, value: Any) -> str:
+        if isinstance(value, str):
+            encoded = self._strings.get(value)
+            if encoded is None:
+                encoded = self._strings[value] = json.dumps(value, ensure_ascii=False)
+            return encoded
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            items = (f"{self._encode(key)}:{self._encode(value[key])}" for key in sorted(value))
+            return "{" + ",".join(items) + "}"
+        if isinstance(value, list | tuple):
+            return "[" + ",".join(self._encode(item) for item in value) + "]"
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))

@@ -179,15 +179,17 @@ async def load_pair_input(
 ) -> pg_input.PairInput | None:
     """A pair build's input with the votes summed up by PostgreSQL (see pg_input); None
     where the database cannot do that for these options (then use :func:`load_facts`)."""
-    async with sessions() as session:
-        conn = await session.connection()
+    async with sessions() as first, sessions() as second, sessions() as third:
+        conn = await first.connection()
         if conn.dialect.name != "postgresql" or not pg_input.applies(
             conn.dialect.driver, options
         ):
             return None
-        raw = await conn.get_raw_connection()
+        raws = [await (await s.connection()).get_raw_connection() for s in (first, second, third)]
         try:
-            return await pg_input.load_pair_input(raw.driver_connection, tenant_id, options)
+            return await pg_input.load_pair_input(
+                [raw.driver_connection for raw in raws], tenant_id, options
+            )
         except pg_input.InexactVotes:
             return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -17,9 +17,11 @@ from flywheel.gateway.upstream import Rpc
 ROLES_TABLE = """| role | may |
 |---|---|
 | rater | read generations; record, edit, retract and read feedback (human only) |
-| integrator | everything scoped to its tenant: users, task types, generations, feedback, datasets |
+| integrator | everything scoped to its tenant: users, task types, generations, feedback, \
+datasets, training jobs, adapters |
 | service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
-| admin | the admin endpoints (tenants and API keys of any tenant); its own tenant's datasets |"""
+| admin | the admin endpoints (tenants and API keys of any tenant); its own tenant's datasets, \
+training jobs and adapters |"""
 """What each role may do; a key has exactly one."""
 
 _bearer = HTTPBearer(
@@ -97,6 +99,21 @@ FeedbackWriterDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRA
 FeedbackEditorDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
 # Snapshots expose every rater's data of the tenant and requests spend GPU time: not raters'.
 DatasetManagerDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR, Role.ADMIN))]
+# Jobs spend GPU time and adapters are the tenant's models: the same keys as datasets.
+TrainingManagerDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR, Role.ADMIN))]
+
+
+def _stub(request: Request, service: str) -> Any:
+    """The stub of ``service``; 503 when this gateway is not configured with it (rather
+    than a 500 from deep inside the handler)."""
+    try:
+        return state_of(request).upstreams.stub(service)
+    except KeyError:
+        raise ProblemError(
+            503,
+            "service-unavailable",
+            f"The {service} service is not configured behind this gateway.",
+        ) from None
 
 
 async def get_feedback_rpc(request: Request, principal: PrincipalDep) -> Rpc:
@@ -113,7 +130,7 @@ FeedbackRpcDep = Annotated[Rpc, Depends(get_feedback_rpc)]
 async def get_dataset_rpc(request: Request, principal: PrincipalDep) -> Rpc:
     """Calls to the dataset service on behalf of the caller."""
     state = state_of(request)
-    return Rpc(state.upstreams.stub("dataset"), state.settings.upstream_timeout_s, principal.caller)
+    return Rpc(_stub(request, "dataset"), state.settings.upstream_timeout_s, principal.caller)
 
 
 DatasetRpcDep = Annotated[Rpc, Depends(get_dataset_rpc)]
@@ -123,8 +140,17 @@ async def get_dataset_build_rpc(request: Request, principal: PrincipalDep) -> Rp
     """Calls to the dataset service that curate feedback, with their longer deadline."""
     state = state_of(request)
     return Rpc(
-        state.upstreams.stub("dataset"), state.settings.dataset_build_timeout_s, principal.caller
+        _stub(request, "dataset"), state.settings.dataset_build_timeout_s, principal.caller
     )
 
 
 DatasetBuildRpcDep = Annotated[Rpc, Depends(get_dataset_build_rpc)]
+
+
+async def get_trainer_rpc(request: Request, principal: PrincipalDep) -> Rpc:
+    """Calls to the trainer service on behalf of the caller."""
+    state = state_of(request)
+    return Rpc(_stub(request, "trainer"), state.settings.upstream_timeout_s, principal.caller)
+
+
+TrainerRpcDep = Annotated[Rpc, Depends(get_trainer_rpc)]

@@ -21,7 +21,6 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 from trl import (
     DPOConfig,
-    DPOTrainer,
     GRPOConfig,
     GRPOTrainer,
     KTOConfig,
@@ -31,10 +30,10 @@ from trl import (
     RLOOConfig,
     RLOOTrainer,
     SFTConfig,
-    SFTTrainer,
 )
 
 from flywheel.trainer.base import Loaded
+from flywheel.trainer.packing import PackedDPOTrainer, PackedSFTTrainer
 from flywheel.trainer.spec import TrainSpec
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -68,10 +67,11 @@ _PRECOMPUTE = {"precompute_ref_log_probs": True}
 RECIPES: dict[str, Recipe] = {
     r.method: r
     for r in (
-        Recipe("sft", SFTConfig, SFTTrainer, {"learning_rate": 2e-4}),
+        # Padding-free forward passes; DPO's pairs with their prompt once (packing.py).
+        Recipe("sft", SFTConfig, PackedSFTTrainer, {"learning_rate": 2e-4}),
         # Reference log-probs once per dataset (and cached across runs, see ref_cache.py)
         # instead of a second forward pass every step.
-        Recipe("dpo", DPOConfig, DPOTrainer, {"learning_rate": 5e-5, **_PRECOMPUTE}),
+        Recipe("dpo", DPOConfig, PackedDPOTrainer, {"learning_rate": 5e-5, **_PRECOMPUTE}),
         Recipe("kto", KTOConfig, KTOTrainer, {"learning_rate": 5e-5}),
         Recipe("orpo", ORPOConfig, ORPOTrainer, {"learning_rate": 5e-5}),
         Recipe("reward", RewardConfig, RewardTrainer, {"learning_rate": 1e-4}),

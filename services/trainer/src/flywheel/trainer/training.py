@@ -26,7 +26,7 @@ from flywheel.trainer import checkpoints, data, fingerprints
 from flywheel.trainer.base import REFERENCE_ADAPTER, load_model, load_tokenizer
 from flywheel.trainer.progress import Progress, ProgressReporter
 from flywheel.trainer.recipes import RECIPES, build_config, build_trainer
-from flywheel.trainer.ref_cache import CachedReferenceDPOTrainer, ReferenceCache
+from flywheel.trainer.ref_cache import ReferenceCache
 from flywheel.trainer.rewards import Evaluator, reward_functions
 from flywheel.trainer.spec import TrainSpec
 
@@ -135,10 +135,8 @@ def run(
     args = build_config(recipe, spec, checkpoint_root)
     loaded = load_model(spec, tokenizer, gradient_checkpointing=bool(args.gradient_checkpointing))
     cache = _reference_cache(spec, args, artifacts) if recipe.method == "dpo" else None
-    extra: dict[str, Any] = {}
-    trainer_class = None
-    if cache is not None:
-        trainer_class, extra = CachedReferenceDPOTrainer, {"reference_cache": cache}
+    # The DPO recipe's trainer reads its reference log-probs through the cache.
+    extra: dict[str, Any] = {"reference_cache": cache} if cache is not None else {}
     # The marker goes last: a checkpoint is complete only once every other callback has
     # seen it saved.
     all_callbacks: list[TrainerCallback] = [*(callbacks or []), checkpoints.CompletionMarker()]
@@ -149,7 +147,7 @@ def run(
         recipe, loaded, args, train, evaluation,
         callbacks=all_callbacks,
         reward_funcs=reward_functions(spec.reward_functions, evaluators) if recipe.online else [],
-        trainer_class=trainer_class, **extra,
+        **extra,
     )  # fmt: skip
     # Progress goes through on_progress; TRL's printed log dicts would only be noise.
     trainer.remove_callback(PrinterCallback)

@@ -91,6 +91,7 @@ Float32 = Annotated[float, Strict(), Field(ge=-_FLOAT32_MAX, le=_FLOAT32_MAX)]
 UInt32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]
 Int32 = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+UInt64 = Annotated[int, Strict(), Field(ge=0, le=2**64 - 1)]
 Id = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -101,6 +102,13 @@ class AdapterRef(BaseModel):
 
     name: str = Field(min_length=1, max_length=200)
     version: str = Field("", max_length=200)
+
+
+class Artifact(ResponseModel):
+    """A stored file, identified by its content (its location is the server's business)."""
+
+    sha256: str = Field(description="Hex sha256 of the content.")
+    size_bytes: int
 
 
 class Page(ResponseModel, Generic[T]):

@@ -14,16 +14,14 @@ from flywheel.contracts.common.v1 import common_pb2
 from flywheel.contracts.dataset.v1 import resources_pb2 as ds
 from flywheel.contracts.dataset.v1 import service_pb2
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
-from flywheel.gateway.convert import adapter_of, adapter_ref, datetime_of, dict_of, struct
+from flywheel.gateway.convert import adapter_ref, datetime_of, dict_of, struct
 from flywheel.gateway.convert import timestamp as timestamp_pb
 from flywheel.gateway.problems import FieldRenamer, renamer, validation_problem
+from flywheel.gateway.routes.common import Artifact
 from flywheel.gateway.routes.datasets.protocol import (
-    Artifact,
     ConflictRule,
     DatasetKind,
     ExportFormat,
-    LoraConfig,
-    LoraConfigOut,
     QualityReport,
     Snapshot,
     SnapshotDiff,
@@ -33,13 +31,17 @@ from flywheel.gateway.routes.datasets.protocol import (
     SnapshotStats,
     SnapshotTrigger,
     Split,
-    TrainingMethod,
     TrainingOptions,
     TrainingRequest,
     TrainingRequestCreate,
-    TrainingSpecOut,
     TriggerPolicy,
     TriggerPolicyUpdate,
+)
+from flywheel.gateway.routes.training_spec import (
+    METHOD_TO_PROTO,
+    lora_config,
+    optional_field,
+    training_spec_of,
 )
 
 KIND_TO_PROTO = {
@@ -67,17 +69,6 @@ _TRIGGER_FROM_PROTO = {
     ds.SNAPSHOT_TRIGGER_POLICY: SnapshotTrigger.POLICY,
     ds.SNAPSHOT_TRIGGER_TRAINING_REQUEST: SnapshotTrigger.TRAINING_REQUEST,
 }
-_METHOD_TO_PROTO = {
-    TrainingMethod.SFT: tr.TRAINING_METHOD_SFT,
-    TrainingMethod.DPO: tr.TRAINING_METHOD_DPO,
-    TrainingMethod.KTO: tr.TRAINING_METHOD_KTO,
-    TrainingMethod.ORPO: tr.TRAINING_METHOD_ORPO,
-    TrainingMethod.REWARD: tr.TRAINING_METHOD_REWARD,
-    TrainingMethod.GRPO: tr.TRAINING_METHOD_GRPO,
-    TrainingMethod.RLOO: tr.TRAINING_METHOD_RLOO,
-}
-_METHOD_FROM_PROTO = {v: k for k, v in _METHOD_TO_PROTO.items()}
-
 # Optional scalars of SnapshotSpec: same name in REST and protobuf, copied when set.
 _SPEC_OPTIONALS = (
     "sft_min_rating",
@@ -113,10 +104,6 @@ policy_fields: FieldRenamer = renamer(
 """UpdateTriggerPolicy paths (``policy.cooldown``) -> REST fields (``cooldown_s``)."""
 
 
-def _optional(message: Any, name: str) -> Any:
-    return getattr(message, name) if message.HasField(name) else None
-
-
 # --- snapshots --------------------------------------------------------------------------
 
 
@@ -138,7 +125,7 @@ def snapshot_spec(spec: SnapshotSpec) -> ds.SnapshotSpec:
 
 def spec_of(message: ds.SnapshotSpec) -> SnapshotSpec:
     """REST spec of a protobuf one (unset optionals are null)."""
-    optionals = {name: _optional(message, name) for name in _SPEC_OPTIONALS}
+    optionals = {name: optional_field(message, name) for name in _SPEC_OPTIONALS}
     # Built without validation: the service's resolved values are the truth, even one at
     # an edge the REST bounds would refuse as input (a cutoff at the end of time, say).
     return SnapshotSpec.model_construct(
@@ -233,15 +220,6 @@ def diff_of(
 # --- training requests ------------------------------------------------------------------
 
 
-def _lora(config: LoraConfig) -> tr.LoraConfig:
-    message = tr.LoraConfig(target_modules=config.target_modules)
-    for name in ("r", "alpha", "dropout", "use_rslora"):
-        value = getattr(config, name)
-        if value is not None:
-            setattr(message, name, value)
-    return message
-
-
 def training_spec(options: TrainingOptions) -> tr.TrainingSpec:
     """The protobuf ``TrainingSpec`` of the REST options (task and snapshot id are the
     service's to fill in)."""
@@ -253,13 +231,13 @@ def training_spec(options: TrainingOptions) -> tr.TrainingSpec:
         hyperparameters=struct(options.hyperparameters),
     )
     if options.method is not None:
-        message.method = _METHOD_TO_PROTO[options.method]
+        message.method = METHOD_TO_PROTO[options.method]
     if options.parent_adapter is not None:
         message.parent_adapter.CopyFrom(adapter_ref(options.parent_adapter))
     if options.seed is not None:
         message.seed = options.seed
     if options.lora is not None:
-        message.lora.CopyFrom(_lora(options.lora))
+        message.lora.CopyFrom(lora_config(options.lora))
     return message
 
 
@@ -284,32 +262,6 @@ def training_request(tenant_id: str, body: TrainingRequestCreate) -> Any:
     if body.snapshot_spec is not None:
         request.snapshot_spec.CopyFrom(snapshot_spec(body.snapshot_spec))
     return request
-
-
-def training_spec_of(message: tr.TrainingSpec) -> TrainingSpecOut:
-    """REST view of a ``TrainingSpec``."""
-    lora = None
-    if message.HasField("lora"):
-        lora = LoraConfigOut(
-            r=_optional(message.lora, "r"),
-            alpha=_optional(message.lora, "alpha"),
-            dropout=_optional(message.lora, "dropout"),
-            target_modules=list(message.lora.target_modules),
-            use_rslora=_optional(message.lora, "use_rslora"),
-        )
-    return TrainingSpecOut(
-        task=message.task,
-        method=_METHOD_FROM_PROTO.get(message.method),
-        snapshot_id=message.dataset_snapshot_id,
-        base_model=message.base_model,
-        adapter_name=message.adapter_name,
-        adapter_type=message.adapter_type,
-        parent_adapter=adapter_of(message, "parent_adapter"),
-        qlora=message.qlora,
-        hyperparameters=dict_of(message.hyperparameters),
-        seed=_optional(message, "seed"),
-        lora=lora,
-    )
 
 
 def training_request_of(message: ds.TrainingRequest) -> TrainingRequest:

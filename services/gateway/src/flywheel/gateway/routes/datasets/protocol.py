@@ -15,8 +15,8 @@ from pydantic import Field
 
 from flywheel.gateway.routes.common import (
     AdapterRef,
+    Artifact,
     Double,
-    Float32,
     Int32,
     Metadata,
     RequestModel,
@@ -25,22 +25,18 @@ from flywheel.gateway.routes.common import (
     StrictInt,
     Timestamp,
     UInt32,
+    UInt64,
+)
+from flywheel.gateway.routes.training_spec import (
+    LoraConfig,
+    SnapshotIdField,
+    TrainingMethod,
+    TrainingSpecOut,
 )
 
-SNAPSHOT_ID_PATTERN = r"^sha256:[0-9a-f]{64}$"
-
-SnapshotIdField = Annotated[
-    str,
-    Field(
-        pattern=SNAPSHOT_ID_PATTERN,
-        description="`sha256:<hex>` of the snapshot's data.",
-        examples=["sha256:" + "0" * 64],
-    ),
-]
 Rating = Annotated[StrictInt, Field(ge=1, le=5)]
 TokenLimit = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
 Weight = Annotated[Double, Field(ge=0, le=1000)]
-UInt64 = Annotated[StrictInt, Field(ge=0, le=2**64 - 1)]
 # Durations in whole seconds; int32 keeps them well inside what every backend stores.
 Seconds = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 
@@ -82,18 +78,6 @@ class SnapshotTrigger(StrEnum):
     MANUAL = "manual"
     POLICY = "policy"
     TRAINING_REQUEST = "training_request"
-
-
-class TrainingMethod(StrEnum):
-    """Training recipe (a TRL trainer and a PEFT config)."""
-
-    SFT = "sft"
-    DPO = "dpo"
-    KTO = "kto"
-    ORPO = "orpo"
-    REWARD = "reward"
-    GRPO = "grpo"
-    RLOO = "rloo"
 
 
 class SnapshotSpec(RequestModel):
@@ -167,13 +151,6 @@ class SnapshotPreview(RequestModel):
     sample_size: Annotated[StrictInt, Field(ge=0, le=100)] = Field(
         0, description="Rows to return as a sample; 0: none."
     )
-
-
-class Artifact(ResponseModel):
-    """A stored file, identified by its content (its location is the server's business)."""
-
-    sha256: str = Field(description="Hex sha256 of the content.")
-    size_bytes: int
 
 
 class SnapshotStats(ResponseModel):
@@ -253,20 +230,6 @@ class SnapshotDiff(ResponseModel):
     removed_sample: list[dict[str, Any]]
 
 
-class LoraConfig(RequestModel):
-    """LoRA settings; unset fields take the recipe's defaults."""
-
-    r: Annotated[UInt32, Field(ge=1)] | None = Field(None, description="Rank.")
-    alpha: Float32 | None = None
-    dropout: Annotated[Float32, Field(ge=0, lt=1)] | None = None
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
-        default_factory=list,
-        max_length=100,
-        description="Empty: the recipe's default modules for the architecture.",
-    )
-    use_rslora: StrictBool | None = None
-
-
 class TrainingOptions(RequestModel):
     """What to train on the snapshot."""
 
@@ -308,32 +271,6 @@ class TrainingRequestCreate(RequestModel):
     training: TrainingOptions
     priority: Int32 = Field(0, description="Higher runs first.")
     reason: str = Field("", max_length=2000, description='Why; empty: "manual".')
-
-
-class LoraConfigOut(ResponseModel):
-    """LoRA settings; null: the recipe's default."""
-
-    r: int | None
-    alpha: float | None
-    dropout: float | None
-    target_modules: list[str]
-    use_rslora: bool | None
-
-
-class TrainingSpecOut(ResponseModel):
-    """What is trained, as sent to the trainer."""
-
-    task: str
-    method: TrainingMethod | None
-    snapshot_id: str
-    base_model: str
-    adapter_name: str
-    adapter_type: str
-    parent_adapter: AdapterRef | None
-    qlora: bool
-    hyperparameters: dict[str, Any]
-    seed: int | None
-    lora: LoraConfigOut | None
 
 
 class TrainingRequest(ResponseModel):

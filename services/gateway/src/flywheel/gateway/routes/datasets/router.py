@@ -31,7 +31,6 @@ from flywheel.gateway.routes.datasets.mapping import (
     trigger_policy,
 )
 from flywheel.gateway.routes.datasets.protocol import (
-    SNAPSHOT_ID_PATTERN,
     DatasetKind,
     ExportFormat,
     Snapshot,
@@ -45,6 +44,7 @@ from flywheel.gateway.routes.datasets.protocol import (
     TriggerPolicy,
     TriggerPolicyUpdate,
 )
+from flywheel.gateway.routes.training_spec import SNAPSHOT_ID_PATTERN
 from flywheel.gateway.routing import next_cursor, page_request, v1_router
 
 router = v1_router(tags=["datasets"], extra_problems=(404, 409))
