@@ -102,6 +102,8 @@ def run_job(work_dir: Path, callbacks: list[Any] | None = None) -> int:
         return 2
     finally:
         progress_file.close()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under accelerate, rank 0 records the outcome for all
     result = dataclasses.asdict(outcome)
     result["adapter_dir"] = str(outcome.adapter_dir)
     write_json_atomically(work_dir / OUTCOME, result)

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -40,6 +39,7 @@ from flywheel.core.events.outbox import add_event
 from flywheel.core.layout import snapshot_file_key
 from flywheel.trainer import checkpoints, manifest, specs
 from flywheel.trainer.jobs import SOURCE_SERVICE, AdapterStore, JobStore, now
+from flywheel.trainer.launch import devices_needed, job_command
 from flywheel.trainer.models import JobRow
 from flywheel.trainer.runner import ARTIFACTS_ENV, PROGRESS, SPEC, RecordedOutcome
 
@@ -149,30 +149,39 @@ class Scheduler:
                 await self._terminate(running)
 
     async def round(self) -> None:
-        """One pass: follow and finish running jobs, then start queued ones."""
+        """One pass: follow and finish running jobs, then start queued ones in priority
+        order while the next one's devices are free."""
         for running in list(self.running.values()):
             await self._follow(running)
-        while (device := self._free_device()) is not None:
-            row = await self.jobs.next_queued()
-            if row is None:
+        while (row := await self.jobs.next_queued()) is not None:
+            wanted = max(1, devices_needed(specs.from_json(row.spec).resources))
+            if wanted > len(self.devices):
+                reason = f"asks for {wanted} GPUs; this trainer has {len(self.devices)} devices"
+                await self._finish(row.job_id, tr.JOB_STATE_FAILED, reason)
+                continue
+            devices = self._free_devices(wanted)
+            if devices is None:
                 return
-            await self._start(row, device)
+            await self._start(row, ",".join(devices))
 
-    def _free_device(self) -> str | None:
-        busy = {r.device for r in self.running.values()}
-        return next((d for d in self.devices if d not in busy), None)
+    def _busy(self) -> set[str]:
+        return {d for r in self.running.values() for d in r.device.split(",")}
+
+    def _free_devices(self, wanted: int) -> list[str] | None:
+        free = [d for d in self.devices if d not in self._busy()]
+        return free[:wanted] if len(free) >= wanted else None
 
     async def _resume_orphans(self) -> None:
         for row in await self.jobs.in_state(tr.JOB_STATE_RUNNING):
-            device = row.device if row.device in self.devices else self._free_device()
-            if device is None or any(r.device == device for r in self.running.values()):
-                # No device for it now: back in the queue, ahead of what came later.
+            devices = row.device.split(",")
+            if not set(devices) <= set(self.devices) or set(devices) & self._busy():
+                # Its devices are gone or taken: back in the queue, ahead of later jobs.
                 await self.jobs.change(
                     row.job_id, state=tr.JOB_STATE_QUEUED, state_reason="requeued after restart"
                 )
                 continue
-            log.info("resuming job %s on %s after a restart", row.job_id, device)
-            await self._spawn(row, device)
+            log.info("resuming job %s on %s after a restart", row.job_id, row.device)
+            await self._spawn(row, row.device)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -235,14 +244,13 @@ class Scheduler:
     async def _spawn(self, row: JobRow, device: str) -> None:
         work_dir = work_dir_of(self.work_root, row.job_id)
         env = {**os.environ, ARTIFACTS_ENV: str(self.artifacts_dir)}
-        if device.startswith("cuda:"):
-            env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        # The job sees only its own GPUs (none for "cpu").
+        gpus = [d.removeprefix("cuda:") for d in device.split(",") if d.startswith("cuda:")]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         log_file = (work_dir / LOG_FILE).open("ab")
+        command = job_command(specs.from_json(row.spec).resources, work_dir)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "flywheel.trainer.runner", str(work_dir),
-            stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
+            *command, stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=env,
             start_new_session=True,  # a cancel signals the job's whole process group
         )  # fmt: skip
         progress = work_dir / PROGRESS
