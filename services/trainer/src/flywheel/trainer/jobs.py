@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,7 +22,7 @@ from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.db import SessionFactory
 from flywheel.core.errors import Conflict, NotFound
 from flywheel.core.events.outbox import add_event
-from flywheel.core.paging import Page, decode_cursor, encode_cursor, page_size_of
+from flywheel.core.paging import Page, newest_first_page
 from flywheel.trainer import specs
 from flywheel.trainer.models import AdapterRow, JobRow
 
@@ -136,7 +136,6 @@ class JobStore:
         page_size: int, cursor: str,
     ) -> Page[tr.Job]:  # fmt: skip
         """The tenant's jobs, newest first."""
-        size = page_size_of(page_size)
         j = JobRow
         statement = select(j).where(j.tenant_id == tenant_id)
         if states:
@@ -145,17 +144,11 @@ class JobStore:
             statement = statement.where(j.task == task)
         if method:
             statement = statement.where(j.method == method)
-        if cursor:
-            created, ident = decode_cursor(cursor)
-            statement = statement.where(
-                or_(j.created_at < created, and_(j.created_at == created, j.job_id < ident))
-            )
-        statement = statement.order_by(j.created_at.desc(), j.job_id.desc()).limit(size + 1)
         async with self.sessions() as session:
-            rows = list((await session.scalars(statement)).all())
-        more = len(rows) > size
-        rows = rows[:size]
-        next_cursor = encode_cursor(rows[-1].created_at, rows[-1].job_id) if more else ""
+            rows, next_cursor = await newest_first_page(
+                session, statement, created=j.created_at, ident=j.job_id,
+                position_of=lambda r: (r.created_at, r.job_id), page_size=page_size, cursor=cursor,
+            )  # fmt: skip
         return Page([to_message(r) for r in rows], next_cursor)
 
     async def change(self, job_id: str, **values: Any) -> tr.Job:
@@ -275,26 +268,16 @@ class AdapterStore:
     async def list(
         self, tenant_id: str, *, task: str | None, name: str | None, page_size: int, cursor: str
     ) -> Page[tr.AdapterManifest]:
-        size = page_size_of(page_size)
         a = AdapterRow
         statement = select(a).where(a.tenant_id == tenant_id)
         if task is not None:
             statement = statement.where(a.task == task)
         if name is not None:
             statement = statement.where(a.name == name)
-        if cursor:
-            created, ident = decode_cursor(cursor)
-            key = a.name + "@" + a.version
-            statement = statement.where(
-                or_(a.created_at < created, and_(a.created_at == created, key < ident))
-            )
-        statement = statement.order_by(a.created_at.desc(), (a.name + "@" + a.version).desc())
         async with self.sessions() as session:
-            rows = list((await session.scalars(statement.limit(size + 1))).all())
-        more = len(rows) > size
-        rows = rows[:size]
-        last = rows[-1] if rows else None
-        next_cursor = (
-            encode_cursor(last.created_at, f"{last.name}@{last.version}") if more and last else ""
-        )
+            rows, next_cursor = await newest_first_page(
+                session, statement, created=a.created_at, ident=a.name + "@" + a.version,
+                position_of=lambda r: (r.created_at, f"{r.name}@{r.version}"),
+                page_size=page_size, cursor=cursor,
+            )  # fmt: skip
         return Page([manifest_of(r) for r in rows], next_cursor)
