@@ -225,3 +225,30 @@ async def test_bad_requests_are_field_errors_and_tenants_are_isolated(trainer: T
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await trainer.stub.GetJob(api.GetJobRequest(tenant_id="globex", job_id=job.job_id))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_running_job_resumes_when_the_service_restarts(
+    trainer: Trainer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = dpo_spec(30)
+    spec.checkpoint_every_steps = 1
+    job = (await trainer.stub.SubmitJob(api.SubmitJobRequest(tenant_id="acme", spec=spec))).job
+    request = api.WatchJobRequest(tenant_id="acme", job_id=job.job_id)
+    async for update in trainer.stub.WatchJob(request):
+        if update.job.HasField("last_checkpoint_step") and update.job.last_checkpoint_step >= 2:
+            break
+    # The service goes down with its job process (as when its pod is replaced) ...
+    trainer.runtime.stop.set()
+    await asyncio.sleep(1.0)
+    monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
+    restarted = build()  # ... and comes back on the same database and folders.
+    async with (
+        serving(restarted),
+        grpc.aio.insecure_channel(f"127.0.0.1:{restarted.settings.grpc_port}") as channel,
+    ):
+        stub = TrainerServiceStub(channel)
+        done = await finished(stub, "acme", job.job_id)
+        assert done.state == tr.JOB_STATE_SUCCEEDED, done.state_reason
+        logs = stub.StreamJobLogs(api.StreamJobLogsRequest(tenant_id="acme", job_id=job.job_id))
+        lines = [m.line async for m in logs]
+    assert any("done: 30 steps, resumed from step" in line for line in lines), lines[-5:]
