@@ -1,5 +1,6 @@
 """The gateway in-process over a real feedback service (gRPC, SQLite, outbox) per test,
-and, for the tests that ask for it, a real dataset service on the same event log."""
+and, for the tests that ask for them, a real dataset service on the same event log and a
+real trainer service."""
 
 from __future__ import annotations
 
@@ -63,6 +64,42 @@ async def dataset_runtime(
 @pytest.fixture
 def dataset_target(dataset_runtime: ServiceRuntime) -> str:
     return f"127.0.0.1:{dataset_runtime.settings.grpc_port}"
+
+
+@pytest.fixture
+def trainer_schedules() -> bool:
+    """Whether the trainer's scheduler starts queued jobs. Off by default: jobs stay
+    queued, so tests see them (and cancel them) deterministically and nothing trains."""
+    return False
+
+
+@pytest.fixture
+async def trainer_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trainer_schedules: bool
+) -> AsyncIterator[ServiceRuntime]:
+    """The real trainer service on SQLite in its own data dir, one CPU device."""
+    monkeypatch.setenv("FLYWHEEL_DATA_DIR", str(tmp_path / "trainer"))
+    monkeypatch.setenv("FLYWHEEL_GRPC_PORT", str(free_port()))
+    monkeypatch.setenv("FLYWHEEL_METRICS_PORT", "0")
+    monkeypatch.setenv("FLYWHEEL_TRAINER_POLL_S", "0.2")
+    monkeypatch.setenv("FLYWHEEL_TRAINER_DEVICES", '["cpu"]')
+    # Imported here: only the tests that start a trainer service depend on it.
+    from flywheel.trainer.scheduler import Scheduler
+    from flywheel.trainer.server import build as build_trainer
+
+    if not trainer_schedules:
+        # The service runs in this process: its scheduler's rounds become no-ops.
+        async def idle_round(self: Scheduler) -> None:
+            return None
+
+        monkeypatch.setattr(Scheduler, "round", idle_round)
+    async with serving(build_trainer()) as runtime:
+        yield runtime
+
+
+@pytest.fixture
+def trainer_target(trainer_runtime: ServiceRuntime) -> str:
+    return f"127.0.0.1:{trainer_runtime.settings.grpc_port}"
 
 
 @pytest.fixture

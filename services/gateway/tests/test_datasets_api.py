@@ -286,6 +286,17 @@ async def test_invalid_requests_name_the_rest_field(gateway: Any, make_tenant: M
         "snapshot_id",
         "snapshot_spec",
     ]
+    # What the trainer would refuse (names become folders) is refused here already.
+    for bad, field in (
+        ({"adapter_name": "acme/evil"}, "training.adapter_name"),
+        ({"lora": {"r": 2048}}, "training.lora.r"),
+        ({"lora": {"alpha": -1}}, "training.lora.alpha"),
+    ):
+        assert await fields(
+            "POST",
+            "/v1/datasets/training-requests",
+            json={"snapshot_id": "sha256:" + "0" * 64, "training": {**training, **bad}},
+        ) == [field], bad
     assert await fields(
         "POST",
         "/v1/datasets/snapshots/preview",

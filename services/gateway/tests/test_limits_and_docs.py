@@ -119,7 +119,7 @@ async def test_openapi_documents_every_operation(gateway: Any) -> None:
         if path.startswith("/v1/")
         for method, op in item.items()
     ]
-    assert len(operations) == 30
+    assert len(operations) == 38
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         assert op.get("summary"), where

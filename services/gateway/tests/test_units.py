@@ -22,6 +22,7 @@ from flywheel.gateway.problems import renamer
 from flywheel.gateway.ratelimit import TokenBuckets, retry_after
 from flywheel.gateway.routes.feedback.mapping import filter_fields, value_fields
 from flywheel.gateway.routes.generations.mapping import batch_fields, generation_fields
+from flywheel.gateway.routes.training.mapping import adapter_fields, log_fields, submit_fields
 from flywheel.gateway.state import MIGRATIONS_DIR
 
 
@@ -65,6 +66,12 @@ def test_protobuf_paths_become_rest_fields() -> None:
     assert filter_fields("filter.kinds[0]") == "kind.0"
     assert filter_fields("page.cursor") == "cursor"
     assert renamer({"a": ""})("a.b") == "b"
+    assert submit_fields("spec.lora.r") == "lora.r"
+    assert submit_fields("spec.dataset_snapshot_id") == "snapshot_id"
+    assert submit_fields("spec.resources.gpus") == "resources.gpus"
+    assert submit_fields("spec.reward_functions[2]") == "reward_functions.2"
+    assert adapter_fields("adapter.name") == "name"
+    assert log_fields("tail_lines") == "tail"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

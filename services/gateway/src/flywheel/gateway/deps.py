@@ -139,9 +139,7 @@ DatasetRpcDep = Annotated[Rpc, Depends(get_dataset_rpc)]
 async def get_dataset_build_rpc(request: Request, principal: PrincipalDep) -> Rpc:
     """Calls to the dataset service that curate feedback, with their longer deadline."""
     state = state_of(request)
-    return Rpc(
-        _stub(request, "dataset"), state.settings.dataset_build_timeout_s, principal.caller
-    )
+    return Rpc(_stub(request, "dataset"), state.settings.dataset_build_timeout_s, principal.caller)
 
 
 DatasetBuildRpcDep = Annotated[Rpc, Depends(get_dataset_build_rpc)]

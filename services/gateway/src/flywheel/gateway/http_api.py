@@ -23,6 +23,7 @@ from flywheel.gateway.routes.catalog.router import router as catalog_router
 from flywheel.gateway.routes.datasets.router import router as datasets_router
 from flywheel.gateway.routes.feedback.router import router as feedback_router
 from flywheel.gateway.routes.generations.router import router as generations_router
+from flywheel.gateway.routes.training.router import router as training_router
 from flywheel.gateway.state import GatewayState
 
 DESCRIPTION = f"""REST API of Flywheel, the closed-loop RLHF platform.
@@ -97,7 +98,14 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
             status_code=200 if ready else 503,
         )
 
-    routers = (admin_router, catalog_router, generations_router, feedback_router, datasets_router)
+    routers = (
+        admin_router,
+        catalog_router,
+        generations_router,
+        feedback_router,
+        datasets_router,
+        training_router,
+    )
     for router in routers:
         app.include_router(router)
     routes = [*app.routes, *(route for router in routers for route in router.routes)]

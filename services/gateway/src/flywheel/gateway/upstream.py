@@ -114,6 +114,40 @@ class Rpc:
             raise
         return _rest_of(call, first)
 
+    def stream_lazily(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        *,
+        fields: FieldRenamer = identity,
+    ) -> AsyncGenerator[Any, None]:
+        """A server-streaming call made only when iterated, for a stream whose first
+        message may be long in coming (a followed log): the response can start before it.
+        Check what can fail first (the object exists) with a unary call; a failure here
+        ends the iteration with the ProblemError it maps to."""
+        metadata = self.caller.metadata() if self.caller else ()
+        return _lazily(method, request, metadata, fields)
+
+
+async def _lazily(
+    method: Callable[..., Any],
+    request: Any,
+    metadata: tuple[tuple[str, str], ...],
+    fields: FieldRenamer,
+) -> AsyncGenerator[Any, None]:
+    # No deadline, as in Rpc.stream: a client that goes away cancels the call.
+    call = method(request, metadata=metadata)
+    try:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                return
+            yield message
+    except grpc.aio.AioRpcError as exc:
+        raise problem_from_rpc(exc, fields) from exc
+    finally:
+        call.cancel()
+
 
 async def _rest_of(call: Any, first: Any) -> AsyncGenerator[Any, None]:
     try:

@@ -28,6 +28,7 @@ from flywheel.gateway.routes.common import (
     UInt64,
 )
 from flywheel.gateway.routes.training_spec import (
+    ADAPTER_NAME_PATTERN,
     LoraConfig,
     SnapshotIdField,
     TrainingMethod,
@@ -240,9 +241,9 @@ class TrainingOptions(RequestModel):
     )
     base_model: str = Field(min_length=1, max_length=500, description="Hugging Face id or path.")
     adapter_name: str = Field(
-        min_length=1,
-        max_length=200,
-        description="Adapter to produce; its version is assigned when published.",
+        pattern=ADAPTER_NAME_PATTERN,
+        description="Adapter to produce (letters, digits, `.`, `_`, `-`; at most 200); its "
+        "version is assigned when published.",
     )
     adapter_type: str = Field(
         "task",

@@ -1,0 +1,1 @@
+"""Training jobs and the adapters they publish, through the trainer service."""
