@@ -1,5 +1,8 @@
 """Checkpoints a killed run can trust.
 
+Plain file work, free of torch, so the service can read checkpoints cheaply; the callback
+that marks them during training is in callbacks.py.
+
 The trainer writes ``checkpoint-N/`` (weights, optimizer, scheduler, RNG states, trainer
 state) in many files, so a kill mid-write leaves a folder that looks like a checkpoint
 and is not one. After the last file is written, `CompletionMarker` records the sha256 of
@@ -16,9 +19,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from flywheel.core.artifacts import sha256_file
 
@@ -83,20 +83,6 @@ def prune(root: Path, keep: int = KEEP) -> None:
     complete = [p for _, p in _checkpoints(root) if (p / MARKER).is_file()]
     for folder in complete[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-class CompletionMarker(TrainerCallback):
-    """Marks each checkpoint complete once the trainer has written all of it."""
-
-    def on_save(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
-    ) -> None:
-        if not state.is_world_process_zero:
-            return
-        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            write_marker(folder, state.global_step)
-            prune(Path(str(args.output_dir)))
 
 
 def last_step(root: Path) -> int | None:

@@ -24,6 +24,7 @@ from transformers import PrinterCallback, TrainerCallback, set_seed
 from flywheel.core.artifacts import ArtifactStore
 from flywheel.trainer import checkpoints, data, fingerprints
 from flywheel.trainer.base import REFERENCE_ADAPTER, load_model, load_tokenizer
+from flywheel.trainer.callbacks import CompletionMarker
 from flywheel.trainer.progress import Progress, ProgressReporter
 from flywheel.trainer.recipes import RECIPES, build_config, build_trainer
 from flywheel.trainer.ref_cache import ReferenceCache
@@ -139,7 +140,7 @@ def run(
     extra: dict[str, Any] = {"reference_cache": cache} if cache is not None else {}
     # The marker goes last: a checkpoint is complete only once every other callback has
     # seen it saved.
-    all_callbacks: list[TrainerCallback] = [*(callbacks or []), checkpoints.CompletionMarker()]
+    all_callbacks: list[TrainerCallback] = [*(callbacks or []), CompletionMarker()]
     if on_progress is not None:
         all_callbacks.append(ProgressReporter(on_progress))
     set_seed(spec.seed)
