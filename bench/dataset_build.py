@@ -8,7 +8,8 @@ synthetic sources) and the generations they judge into the dataset service's tab
 measures, each side in a fresh process (so peak memory is its own):
 
 - **flywheel**: ``DatasetService.build_snapshot`` of a preference snapshot with the service's
-  default options: the as-of-cutoff query, curation (explicit pairs, conflict rule, pairs
+  default options: the as-of-cutoff query (on PostgreSQL each generation's votes are summed
+  up there, see ``flywheel.dataset.pg_input``), curation (explicit pairs, conflict rule, pairs
   derived from ratings, weights), quality checks (format, token lengths, exact and
   MinHash near-duplicates), the split by prompt, TRL and OpenAI files, lineage and report
   written to the artifact store, the snapshot row and its outbox event;

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import datasets  # type: ignore[import-untyped]
+import datasets
 import grpc
 import pytest
 from prometheus_client import REGISTRY

@@ -17,11 +17,9 @@ from typing import Any
 
 from flywheel.dataset.curation import Curation, Dropped, Votes
 from flywheel.dataset.exports import (
+    CANONICAL,
     LineEncoder,
-    canonical_line,
     is_conversational,
-    openai_preference_row,
-    trl_row,
 )
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.quality import Checked, check
@@ -65,8 +63,8 @@ class BuildResult:
         digest = hashlib.sha256(self.options.kind.encode())
         for name in SPLITS:
             digest.update(b"\x1e")
-            for line in self.splits[name].lines:
-                digest.update(line.encode())
+            # One update of all lines: the digest of a stream does not depend on its pieces.
+            digest.update("".join(self.splits[name].lines).encode())
         return f"sha256:{digest.hexdigest()}"
 
     def files(self) -> dict[tuple[str, str], bytes]:
@@ -95,15 +93,7 @@ class BuildResult:
     def lineage(self) -> bytes:
         """JSONL, one line per row: split, row number, its feedback events and generations."""
         lines = [
-            canonical_line(
-                {
-                    "split": name,
-                    "row": number,
-                    "event_ids": sorted(ch.candidate.event_ids),
-                    "generation_ids": list(ch.candidate.generation_ids),
-                    "source": ch.candidate.source,
-                }
-            )
+            _lineage_line(name, number, ch)
             for name in SPLITS
             for number, ch in enumerate(self.splits[name].checked)
         ]
@@ -142,6 +132,18 @@ class BuildResult:
         }
 
 
+def _lineage_line(split: str, number: int, checked: Checked) -> str:
+    """``canonical_line`` of a lineage row, assembled as ``json.dumps`` assembles it (sorted
+    keys, no spaces) from its values' encodings: a snapshot has hundreds of thousands."""
+    c = checked.candidate
+    encode = CANONICAL.encode
+    return (
+        f'{{"event_ids":{encode(sorted(c.event_ids))},'
+        f'"generation_ids":{encode(c.generation_ids)},"row":{number},'
+        f'"source":{encode(c.source)},"split":{encode(split)}}}\n'
+    )
+
+
 def build(
     facts: Iterable[FeedbackFact],
     generations: Mapping[str, GenerationText],
@@ -153,17 +155,18 @@ def build(
 
     ``votes``: the generations' votes, already summed up (see :class:`Curation`).
     """
-    with _gc_paused():
+    with gc_paused():
         return _build(facts, generations, options, counter, votes)
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector off for a while (when it was on).
 
-    A build allocates millions of small objects, none in cycles, and keeps most of them:
-    every full collection meanwhile walks them all, for nothing (a tenth of a build's time).
-    Reference counting still frees everything; cycles made elsewhere meanwhile wait.
+    A build (and the loading of its input) allocates millions of small objects, none in
+    cycles, and keeps most of them: every full collection meanwhile walks them all, for
+    nothing (a tenth of a build's time, half of decoding rows). Reference counting still
+    frees everything; cycles made elsewhere meanwhile wait.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -190,13 +193,13 @@ def _build(
     encoder = LineEncoder()
     for ch in passed:
         rows = splits["eval" if in_eval(ch.candidate.prompt_hash, options) else "train"]
-        row = trl_row(
+        line = encoder.trl_line(
             ch.candidate, options.kind, conversational=conversational, with_scores=with_scores
         )
-        rows.lines.append(encoder.line(row))
+        rows.lines.append(line)
         rows.checked.append(ch)
         if options.kind in ("preference", "reward"):
-            rows.openai_lines.append(encoder.line(openai_preference_row(ch.candidate)))
+            rows.openai_lines.append(encoder.openai_line(ch.candidate))
     return BuildResult(
         options=options,
         tokenizer=counter.name,

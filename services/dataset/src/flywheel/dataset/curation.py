@@ -81,6 +81,25 @@ class Votes:
         self.sources: set[str] = set()
         self.scores: dict[str, list[float]] | None = None
 
+    @classmethod
+    def summed(
+        cls,
+        events: list[str],
+        sources: set[str],
+        rating_weight: float,
+        rating_sum: float,
+        scores: dict[str, list[float]] | None,
+    ) -> Votes:
+        """Votes added up elsewhere, without for/against weights (pair kinds use none)."""
+        votes = cls.__new__(cls)
+        votes.weight_for = votes.weight_against = 0.0
+        votes.rating_weight = rating_weight
+        votes.rating_sum = rating_sum
+        votes.events = events
+        votes.sources = sources
+        votes.scores = scores
+        return votes
+
     @property
     def mean_rating(self) -> float | None:
         return self.rating_sum / self.rating_weight if self.rating_weight else None
@@ -324,9 +343,7 @@ class Curation:
         wins = strengths[latest]
         return latest, sum(wins) / len(wins)
 
-    def _derived(
-        self, votes: Mapping[str, Votes], decided: set[frozenset[str]]
-    ) -> list[Candidate]:
+    def _derived(self, votes: Mapping[str, Votes], decided: set[frozenset[str]]) -> list[Candidate]:
         o = self.options
         by_prompt: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
         for generation_id, v in votes.items():

@@ -102,6 +102,14 @@ def normalize(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+class NormalizedText(str):
+    """A text already in :func:`normalize`'s form, which the batched MinHash paths hash as
+    it is (a caller that normalized its parts need not have the whole text normalized again;
+    normalizing twice need not even give the same text)."""
+
+    __slots__ = ()
+
+
 def exact_key(*parts: str) -> str:
     """Hex SHA-256 of the normalized ``parts``, joined by U+001F (unit separator).
 
@@ -408,7 +416,7 @@ class MinHasher:
         """Every text's shingle hashes (those of :meth:`shingle_hashes`, but in text order and
         with repeats), concatenated, and how many each text has."""
         ngram = self.ngram
-        norms = [normalize(text) for text in texts]
+        norms = [text if type(text) is NormalizedText else normalize(text) for text in texts]
         lengths = np.fromiter(map(len, norms), np.int64, len(norms))
         counts = np.where(lengths >= ngram, lengths - ngram + 1, np.minimum(lengths, 1))
         total = int(lengths.sum())

@@ -69,36 +69,57 @@ def openai_preference_row(c: Candidate) -> dict[str, Any]:
     }
 
 
+# What json.dumps(value, **options) makes per call, made once: building the encoder costs
+# about as much as encoding one row.
+CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
 def canonical_line(row: dict[str, Any]) -> str:
     """``row`` as one canonical JSON line (sorted keys, no spaces, UTF-8 kept)."""
-    return json.dumps(row, ensure_ascii=False, sort_keys=True, separators=(",", ":")) + "\n"
+    return CANONICAL.encode(row) + "\n"
 
 
 class LineEncoder:
-    """:func:`canonical_line`, with each distinct string encoded once.
+    """The canonical lines of pair rows, with each distinct string encoded once.
 
     The rows of a snapshot share most of their strings (a prompt is in each of its pairs, an
-    output in several, and every row repeats the same keys), and encoding them is most of
-    the work. Dicts (with string keys) and lists are assembled here exactly as ``json.dumps``
-    assembles them with sorted keys and no spaces; every other value is ``json.dumps``'s own.
+    output in several), and encoding them is most of the work. Plain-text pair rows are
+    assembled from their values' encodings exactly as ``json.dumps`` assembles them (sorted
+    keys, no spaces); any other row goes through :func:`canonical_line`.
     """
 
     def __init__(self) -> None:
         self._strings: dict[str, str] = {}
 
-    def line(self, row: dict[str, Any]) -> str:
-        """``canonical_line(row)``."""
-        return self._encode(row) + "\n"
+    def _string(self, text: str) -> str:
+        encoded = self._strings.get(text)
+        if encoded is None:
+            encoded = self._strings[text] = CANONICAL.encode(text)
+        return encoded
 
-    def _encode(self, value: Any) -> str:
-        if isinstance(value, str):
-            encoded = self._strings.get(value)
-            if encoded is None:
-                encoded = self._strings[value] = json.dumps(value, ensure_ascii=False)
-            return encoded
-        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-            items = (f"{self._encode(key)}:{self._encode(value[key])}" for key in sorted(value))
-            return "{" + ",".join(items) + "}"
-        if isinstance(value, list | tuple):
-            return "[" + ",".join(self._encode(item) for item in value) + "]"
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    def trl_line(
+        self, c: Candidate, kind: str, *, conversational: bool, with_scores: bool = False
+    ) -> str:
+        """``canonical_line(trl_row(c, kind, ...))``."""
+        plain_pair = kind == "preference" or (kind == "reward" and not with_scores)
+        if conversational or not plain_pair or not isinstance(c.prompt, str):
+            return canonical_line(
+                trl_row(c, kind, conversational=conversational, with_scores=with_scores)
+            )
+        margin = (
+            f',"margin":{CANONICAL.encode(round(c.margin or 0.0, 6))}' if kind == "reward" else ""
+        )
+        chosen, rejected = (self._string(text) for text in c.completions)
+        prompt = self._string(c.prompt)
+        return f'{{"chosen":{chosen}{margin},"prompt":{prompt},"rejected":{rejected}}}\n'
+
+    def openai_line(self, c: Candidate) -> str:
+        """``canonical_line(openai_preference_row(c))``."""
+        if not isinstance(c.prompt, str):
+            return canonical_line(openai_preference_row(c))
+        chosen, rejected = (self._string(text) for text in c.completions)
+        return (
+            f'{{"input":{{"messages":[{{"content":{self._string(c.prompt)},"role":"user"}}]}},'
+            f'"non_preferred_output":[{{"content":{rejected},"role":"assistant"}}],'
+            f'"preferred_output":[{{"content":{chosen},"role":"assistant"}}]}}\n'
+        )

@@ -23,6 +23,7 @@ from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.inbox import claim_events
 from flywheel.core.events.topics import EventType
 from flywheel.dataset import pg_input
+from flywheel.dataset.builder import gc_paused
 from flywheel.dataset.models import FeedbackVersion, SourceGeneration
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.records import (
@@ -155,7 +156,9 @@ async def load_facts(
     async with sessions() as session:
         conn = await session.connection()
         statement = _latest_versions(conn.dialect.name, tenant_id, options)
-        facts = [fact_from_row(row) for row in (await conn.execute(statement)).tuples()]
+        rows = (await conn.execute(statement)).tuples()
+        with gc_paused():
+            facts = [fact_from_row(row) for row in rows]
         g = SourceGeneration
         # Only judged generations are stored, so the scope's are (nearly) all wanted.
         wanted = select(g.generation_id, g.task, g.prompt, g.prompt_hash, g.output).where(
@@ -163,14 +166,14 @@ async def load_facts(
         )
         if options.task:
             wanted = wanted.where(g.task == options.task)
-        generations = {
-            generation_id: GenerationText(
-                generation_id, task, prompt_value(prompt), prompt_hash, output
-            )
-            for generation_id, task, prompt, prompt_hash, output in (
-                await conn.execute(wanted)
-            ).tuples()
-        }
+        texts = (await conn.execute(wanted)).tuples()
+        with gc_paused():
+            generations = {
+                generation_id: GenerationText(
+                    generation_id, task, prompt_value(prompt), prompt_hash, output
+                )
+                for generation_id, task, prompt, prompt_hash, output in texts
+            }
     return facts, generations
 
 
@@ -180,10 +183,10 @@ async def load_pair_input(
     """A pair build's input with the votes summed up by PostgreSQL (see pg_input); None
     where the database cannot do that for these options (then use :func:`load_facts`)."""
     async with sessions() as first, sessions() as second, sessions() as third:
-        conn = await first.connection()
-        if conn.dialect.name != "postgresql" or not pg_input.applies(
-            conn.dialect.driver, options
-        ):
+        # The engine says which database it is without connecting (on SQLite, connecting
+        # would take the write lock).
+        dialect = first.get_bind().dialect
+        if dialect.name != "postgresql" or not pg_input.applies(dialect.driver, options):
             return None
         raws = [await (await s.connection()).get_raw_connection() for s in (first, second, third)]
         try:

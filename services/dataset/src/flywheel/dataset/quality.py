@@ -17,7 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flywheel.dataset.curation import Candidate, Dropped
-from flywheel.dataset.dedup import NearDuplicateIndex, normalize, normalized_key
+from flywheel.dataset.dedup import (
+    NearDuplicateIndex,
+    NormalizedText,
+    normalize,
+    normalized_key,
+)
 from flywheel.dataset.options import BuildOptions
 from flywheel.dataset.records import PromptValue
 from flywheel.dataset.tokens import TokenCounter
@@ -72,6 +77,16 @@ def _token_counts(counter: TokenCounter, texts: list[str]) -> dict[str, int]:
     return dict(zip(distinct, counter.count_many(distinct), strict=True))
 
 
+def _near_duplicate_text(parts: tuple[str, ...], norms: list[str]) -> str:
+    """The text a row is compared by: its parts joined by newlines. For ASCII parts that is,
+    normalized, the non-empty normalized parts joined by spaces (normalizing ASCII works
+    character by character, and the newline is whitespace), so it need not be normalized
+    again."""
+    if all(part.isascii() for part in parts):
+        return NormalizedText(" ".join(norm for norm in norms if norm))
+    return "\n".join(parts)
+
+
 def check(
     candidates: list[Candidate], options: BuildOptions, counter: TokenCounter
 ) -> tuple[list[Checked], list[Dropped]]:
@@ -108,21 +123,23 @@ def check(
     for c, prompt, tokens_of_row in fitting:
         label = "" if c.label is None else str(c.label)
         parts = (prompt, *c.completions, label)
-        key = normalized_key(*(normalized[part] for part in parts))
+        norms = [normalized[part] for part in parts]
+        key = normalized_key(*norms)
         if key in seen:
             drop(c, "exact_duplicate")
             continue
         seen.add(key)
-        unique.append((c, "\n".join(parts), tokens_of_row, key))
+        unique.append((c, _near_duplicate_text(parts, norms), tokens_of_row, key))
+
     originals: list[str | None] = [None] * len(unique)
     if options.near_duplicate_threshold < 1.0:
         near = NearDuplicateIndex(threshold=options.near_duplicate_threshold, seed=options.seed + 1)
         # All signatures at once (vectorised); the answers are those of one row at a time.
         originals = near.find_or_add_many([u[3] for u in unique], [u[1] for u in unique])
     passed = []
-    for (c, _text, tokens, _key), original in zip(unique, originals, strict=True):
+    for (c, _text, tokens_of_row, _key), original in zip(unique, originals, strict=True):
         if original is not None:
             drop(c, "near_duplicate", f"of row {original[:12]}")
         else:
-            passed.append(Checked(c, tokens))
+            passed.append(Checked(c, tokens_of_row))
     return passed, dropped

@@ -24,7 +24,12 @@ from flywheel.core.db import SessionFactory
 from flywheel.core.errors import FieldError, InvalidArgument, NotFound
 from flywheel.core.events.outbox import add_event
 from flywheel.core.paging import Page, decode_cursor, encode_cursor, page_size_of
-from flywheel.dataset.builder import OPENAI_PREFERENCE_JSONL, TRL_JSONL, BuildResult
+from flywheel.dataset.builder import (
+    OPENAI_PREFERENCE_JSONL,
+    TRL_JSONL,
+    BuildResult,
+    gc_paused,
+)
 from flywheel.dataset.models import SnapshotRow
 from flywheel.dataset.options import KIND_NAMES, to_spec
 
@@ -73,6 +78,11 @@ class SnapshotStore:
         return ArtifactRef(uri=self.artifacts.uri(key), sha256=info.sha256, size_bytes=info.size)
 
     def _write_files(self, tenant_id: str, result: BuildResult, snapshot: ds.Snapshot) -> None:
+        # Like the build, the files allocate much and free it all (see gc_paused).
+        with gc_paused():
+            self._write_all(tenant_id, result, snapshot)
+
+    def _write_all(self, tenant_id: str, result: BuildResult, snapshot: ds.Snapshot) -> None:
         prefix = snapshot_prefix(tenant_id, snapshot.snapshot_id)
         for (split, fmt), data in sorted(result.files().items()):
             snapshot.files.append(
@@ -106,12 +116,14 @@ class SnapshotStore:
         options = result.options
         spec = to_spec(options)
         spec.tokenizer = result.tokenizer
+        with gc_paused():
+            stats, events = result.stats(), len(result.event_ids())
         snapshot = ds.Snapshot(
             snapshot_id=snapshot_id,
             tenant_id=tenant_id,
             spec=spec,
-            stats=stats_message(result.stats()),
-            source_event_count=len(result.event_ids()),
+            stats=stats_message(stats),
+            source_event_count=events,
             trigger=TRIGGERS[trigger],
         )
         snapshot.quality.dropped_by_reason.update(result.dropped_by_reason())
