@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from flywheel.core.layout import TRL_JSONL
 from flywheel.dataset.curation import Curation, Dropped, Votes
 from flywheel.dataset.exports import (
     CANONICAL,
@@ -27,7 +28,6 @@ from flywheel.dataset.records import FeedbackFact, GenerationText
 from flywheel.dataset.tokens import TokenCounter
 
 SPLITS = ("train", "eval")
-TRL_JSONL = "trl_jsonl"
 OPENAI_PREFERENCE_JSONL = "openai_preference_jsonl"
 
 

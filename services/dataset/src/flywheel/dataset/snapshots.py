@@ -23,10 +23,10 @@ from flywheel.core.artifacts import ArtifactError, ArtifactStore
 from flywheel.core.db import SessionFactory
 from flywheel.core.errors import FieldError, InvalidArgument, NotFound
 from flywheel.core.events.outbox import add_event
+from flywheel.core.layout import TRL_JSONL, snapshot_file_key, snapshot_prefix
 from flywheel.core.paging import Page, decode_cursor, encode_cursor, page_size_of
 from flywheel.dataset.builder import (
     OPENAI_PREFERENCE_JSONL,
-    TRL_JSONL,
     BuildResult,
     gc_paused,
 )
@@ -52,11 +52,6 @@ READ_CHUNK = 256 * 1024
 def stats_message(stats: dict[str, Any]) -> ds.SnapshotStats:
     """A build's stats as a message."""
     return ds.SnapshotStats(**stats)
-
-
-def snapshot_prefix(tenant_id: str, snapshot_id: str) -> str:
-    """Where a snapshot's files live in the artifact store."""
-    return f"datasets/{tenant_id}/{snapshot_id.removeprefix('sha256:')}"
 
 
 class SnapshotStore:
@@ -89,7 +84,10 @@ class SnapshotStore:
                 ds.SnapshotFile(
                     split=SPLITS[split],
                     format=FORMATS[fmt],
-                    artifact=self._ref(f"{prefix}/{split}.{fmt}.jsonl", data),
+                    # The shared layout: the trainer finds the files by these keys.
+                    artifact=self._ref(
+                        snapshot_file_key(tenant_id, snapshot.snapshot_id, split, fmt), data
+                    ),
                     rows=result.rows(split),
                 )
             )
