@@ -40,6 +40,8 @@ up: python-deps proto  ## run every service on loopback until Ctrl-C
 bench: setup  ## benchmarks (each prints a table and a JSON line)
 	$(UV) run python bench/events.py
 	$(UV) run python bench/ingest.py
+	$(UV) run python bench/dataset_build.py
+	$(UV) run python bench/train.py
 
 clean:  ## remove local state (.flywheel/) and generated code
 	rm -rf .flywheel libs/core/src/flywheel/contracts
