@@ -51,7 +51,6 @@ FULL_JOB = {
     "hyperparameters": {"learning_rate": 0.0002, "beta": 0.1},
     "seed": 7,
     "reward_functions": ["retail_media.budget_sum"],
-    "reward_model": {"name": "acme-reward", "version": "v1"},
     "checkpoint_every_steps": 25,
     "resources": {
         "gpus": 2,
@@ -148,7 +147,8 @@ async def test_submit_read_list_cancel_and_retry(gateway: Any, make_tenant: Make
             "use_rslora": True,
         },
         "reward_functions": ["retail_media.budget_sum"],
-        "reward_model": {"name": "acme-reward", "version": "v1"},
+        "reward_model": None,
+        "reward_dimension": "",
         "checkpoint_every_steps": 25,
         "resources": {
             "gpus": 2,
@@ -593,6 +593,13 @@ async def test_invalid_requests_name_the_rest_field(gateway: Any, make_tenant: M
     # Within REST's bounds, refused by the service: still REST names.
     assert await fields("POST", JOBS, json={**JOB, "method": "grpo"}) == ["reward_functions"]
     assert await fields("POST", JOBS, json={**JOB, "base_model": ""}) == ["base_model"]
+    reward_model = {"name": "acme-reward", "version": "v1"}
+    assert await fields("POST", JOBS, json={**JOB, "reward_model": reward_model}) == [
+        "reward_model"
+    ]
+    assert await fields("POST", JOBS, json={**JOB, "reward_dimension": "tone"}) == [
+        "reward_dimension"
+    ]
 
     assert await fields("GET", JOBS, params={"state": "done"}) == ["state.0"]
     assert await fields("GET", JOBS, params={"method": "ppo"}) == ["method"]

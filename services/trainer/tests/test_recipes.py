@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.domains.retail_media import budgeting_prompt
-from flywheel.trainer import training
+from flywheel.trainer import data, training
 from flywheel.trainer.bootstrap import bootstrap_model
 from flywheel.trainer.spec import LoraSettings, TrainSpec
 from flywheel.trainer.testing import TINY, preference_rows, write_jsonl
@@ -193,3 +193,38 @@ def test_a_bad_spec_lists_every_problem(base_model: Path, tmp_path: Path) -> Non
     message = str(caught.value)
     for part in ("missing.jsonl", "no_such_option", "output_dir", "lora r"):
         assert part in message
+
+
+def test_a_reward_model_for_one_dimension_learns_from_its_scores(
+    base_model: Path, datasets_dir: Path, tmp_path: Path
+) -> None:
+    rows = []
+    for i, row in enumerate(preference_rows(12)):
+        # Compliance disagrees with the overall preference on every other pair.
+        good, bad = (
+            {"dimension": "compliance", "score": 0.9},
+            {"dimension": "compliance", "score": 0.2},
+        )
+        first, second = (good, bad) if i % 2 else (bad, good)
+        rows.append({**row, "margin": 1.0, "chosen_scores": [first],
+                     "rejected_scores": [second, {"dimension": "tone", "score": 0.5}]})  # fmt: skip
+    rows.append(
+        {**preference_rows(1)[0], "margin": 1.0, "chosen_scores": [], "rejected_scores": []}
+    )
+    write_jsonl(datasets_dir / "scored.jsonl", rows)
+
+    pairs = data.dimension_pairs(rows, "compliance")
+    assert len(pairs) == 12  # the pair without scores is left out
+    flipped = [p for p, r in zip(pairs, rows, strict=False) if p["chosen"] == r["rejected"]]
+    assert len(flipped) == 6
+    assert all(p["margin"] == pytest.approx(0.7) for p in pairs)
+    with pytest.raises(data.DataError, match="tone"):
+        data.dimension_pairs(rows, "tone")  # only one side has a tone score
+
+    spec = spec_for("reward", base_model, datasets_dir, train_file=datasets_dir / "scored.jsonl",
+                    reward_dimension="compliance")  # fmt: skip
+    outcome = training.run(spec, tmp_path / "run")
+    assert outcome.steps == 3
+    assert _lora_b_norm(outcome.adapter_dir) > 0
+    wrong = spec_for("dpo", base_model, datasets_dir, reward_dimension="compliance")
+    assert "reward method only" in " ".join(wrong.problems())

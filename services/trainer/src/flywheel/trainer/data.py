@@ -72,8 +72,37 @@ def _prompts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def shape_rows(rows: list[dict[str, Any]], method: str, *, chat: bool) -> list[dict[str, Any]]:
-    """``rows`` with exactly the columns ``method`` reads, as chat messages if ``chat``."""
+def _score(scores: Any, dimension: str) -> float | None:
+    for item in scores or ():
+        if item.get("dimension") == dimension:
+            return float(item["score"])
+    return None
+
+
+def dimension_pairs(rows: list[dict[str, Any]], dimension: str) -> list[dict[str, Any]]:
+    """Reward pairs for one quality dimension: each pair whose two sides both have a score
+    on it, ordered by those scores (ties dropped), margin their difference."""
+    out = []
+    for row in rows:
+        first = _score(row.get("chosen_scores"), dimension)
+        second = _score(row.get("rejected_scores"), dimension)
+        if first is None or second is None or first == second:
+            continue
+        better, worse = ("chosen", "rejected") if first > second else ("rejected", "chosen")
+        out.append({"prompt": row["prompt"], "chosen": row[better], "rejected": row[worse],
+                    "margin": abs(first - second)})  # fmt: skip
+    if not out:
+        raise DataError(f"no pair has two different scores on dimension {dimension!r}")
+    return out
+
+
+def shape_rows(
+    rows: list[dict[str, Any]], method: str, *, chat: bool, dimension: str = ""
+) -> list[dict[str, Any]]:
+    """``rows`` with exactly the columns ``method`` reads, as chat messages if ``chat``;
+    for a reward ``dimension``, the pairs that dimension's scores order."""
+    if dimension:
+        rows = dimension_pairs(rows, dimension)
     if method == "kto" and "label" not in rows[0] and "chosen" in rows[0]:
         rows = _unpaired(rows)
     if method in ("grpo", "rloo"):
@@ -96,6 +125,6 @@ def shape_rows(rows: list[dict[str, Any]], method: str, *, chat: bool) -> list[d
     return shaped
 
 
-def load_dataset(path: Path, method: str, *, chat: bool) -> Dataset:
+def load_dataset(path: Path, method: str, *, chat: bool, dimension: str = "") -> Dataset:
     """The file at ``path`` as the dataset ``method``'s trainer reads."""
-    return Dataset.from_list(shape_rows(read_jsonl(path), method, chat=chat))
+    return Dataset.from_list(shape_rows(read_jsonl(path), method, chat=chat, dimension=dimension))

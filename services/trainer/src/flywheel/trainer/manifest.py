@@ -91,6 +91,8 @@ def build_manifest(
     """The manifest of the adapter ``outcome`` holds (artifact location not yet set)."""
     hyperparameters = Struct()
     hyperparameters.update(_json_safe(outcome.hyperparameters))
+    if spec.reward_dimension:
+        hyperparameters.update({"reward_dimension": spec.reward_dimension})
     lineage = Lineage(
         base_model=spec.base_model,
         base_model_sha256=base_model_digest(spec.base_model),

@@ -62,6 +62,8 @@ class TrainSpec:
     parent_adapter: Path | None = None
     # Checkpoint every N optimizer steps (0: only the final adapter).
     checkpoint_every: int = 0
+    # Reward recipe: learn one quality dimension's scores instead of the overall preference.
+    reward_dimension: str = ""
     # Lineage only: what the data and the parent are, for the manifest and caches.
     dataset_snapshot_id: str = ""
 
@@ -83,6 +85,8 @@ class TrainSpec:
             out.append(f"parent adapter {self.parent_adapter} has no adapter_config.json")
         if self.method in ("grpo", "rloo") and not self.reward_functions:
             out.append(f"{self.method} needs at least one reward function")
+        if self.reward_dimension and self.method != "reward":
+            out.append("reward_dimension applies to the reward method only")
         if self.checkpoint_every < 0:
             out.append("checkpoint_every must be >= 0")
         if not self.adapter_name or "/" in self.adapter_name or self.adapter_name.startswith("."):

@@ -53,6 +53,13 @@ def check(spec: tr.TrainingSpec, *, default_base_model: str) -> tr.TrainingSpec:
         and not spec.reward_functions
     ):
         errors.append(FieldError("spec.reward_functions", "online RL needs at least one"))
+    if spec.HasField("reward_model"):
+        errors.append(FieldError(
+            "spec.reward_model",
+            "online RL from a reward model is not available yet; use reward_functions",
+        ))  # fmt: skip
+    if spec.reward_dimension and spec.method != tr.TRAINING_METHOD_REWARD:
+        errors.append(FieldError("spec.reward_dimension", "applies to the reward method only"))
     if spec.resources.gpus > 64:
         errors.append(FieldError("spec.resources.gpus", "at most 64"))
     if errors:
@@ -113,4 +120,5 @@ def train_spec(
         parent_adapter=parent_adapter,
         checkpoint_every=spec.checkpoint_every_steps or default_checkpoint_every,
         dataset_snapshot_id=spec.dataset_snapshot_id,
+        reward_dimension=spec.reward_dimension,
     )

@@ -54,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--reward-function", action="append", default=[], help="online RL reward (repeatable)"
     )
+    p.add_argument("--reward-dimension", default="", help="reward: learn one critic dimension")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any TRL config option; VALUE is JSON or a plain string")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -138,6 +139,7 @@ def spec_from_args(args: argparse.Namespace, scratch: Path) -> TrainSpec:
         parent_adapter=args.parent_adapter,
         checkpoint_every=args.checkpoint_every,
         dataset_snapshot_id=snapshot_id,
+        reward_dimension=args.reward_dimension,
     )
 
 

@@ -128,9 +128,12 @@ def run(
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.base_model)
     chat = tokenizer.chat_template is not None
-    train = data.load_dataset(spec.train_file, spec.method, chat=chat)
+    dimension = spec.reward_dimension
+    train = data.load_dataset(spec.train_file, spec.method, chat=chat, dimension=dimension)
     evaluation = (
-        data.load_dataset(spec.eval_file, spec.method, chat=chat) if spec.eval_file else None
+        data.load_dataset(spec.eval_file, spec.method, chat=chat, dimension=dimension)
+        if spec.eval_file
+        else None
     )
     checkpoint_root = work_dir / CHECKPOINT_DIR
     args = build_config(recipe, spec, checkpoint_root)

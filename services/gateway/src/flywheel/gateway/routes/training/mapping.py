@@ -102,6 +102,7 @@ def job_spec(body: TrainingJobCreate) -> tr.TrainingSpec:
         qlora=body.qlora,
         hyperparameters=struct(body.hyperparameters),
         reward_functions=body.reward_functions,
+        reward_dimension=body.reward_dimension,
         checkpoint_every_steps=body.checkpoint_every_steps,
     )
     if body.parent_adapter is not None:
@@ -154,6 +155,7 @@ def job_spec_of(message: tr.TrainingSpec) -> TrainingJobSpec:
         **training_spec_fields(message),
         reward_functions=list(message.reward_functions),
         reward_model=adapter_of(message, "reward_model"),
+        reward_dimension=message.reward_dimension,
         checkpoint_every_steps=message.checkpoint_every_steps,
         resources=_resources_of(message.resources) if message.HasField("resources") else None,
     )

@@ -166,7 +166,17 @@ class TrainingJobCreate(RequestModel):
         examples=[["retail_media.budget_sum"]],
     )
     reward_model: AdapterRef | None = Field(
-        None, description="Online RL: a reward adapter of the tenant (trained with `reward`)."
+        None,
+        description="Reserved for online RL from a reward adapter (trained with `reward`); "
+        "refused (422) until the trainer can call reward models as rewards.",
+    )
+    reward_dimension: str = Field(
+        "",
+        max_length=200,
+        description="`reward` only: learn one quality dimension (e.g. `compliance`): pairs "
+        "ordered by the critics' scores on it, margin their difference. Empty: the overall "
+        "preference.",
+        examples=["compliance"],
     )
     checkpoint_every_steps: UInt32 = Field(
         0,
@@ -213,6 +223,7 @@ class TrainingJobSpec(TrainingSpecOut):
 
     reward_functions: list[str]
     reward_model: AdapterRef | None
+    reward_dimension: str
     checkpoint_every_steps: int
     resources: ResourceRequestOut | None
 
