@@ -133,6 +133,7 @@ def _demo_base_model(args: argparse.Namespace) -> str:
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     """Start every service, check each is healthy, turn the loop once, and shut down."""
+    _stack_env(args)  # a bad stack setting fails now, not after minutes of model building
     base_model = await asyncio.to_thread(_demo_base_model, args)
     env = demo_loop.DEMO_POLICY | {"FLYWHEEL_POLICY_BASE_MODEL": base_model}
     supervisor, healthy = await _start(args, env)
