@@ -108,6 +108,9 @@ async def test_a_job_runs_and_publishes_its_adapter(trainer: Trainer) -> None:
     assert job.progress.step == 3
     assert job.progress.total_steps == 3
     assert job.last_checkpoint_step >= 2
+    # The eval pass after training logs no loss; the job keeps its training loss.
+    assert job.progress.HasField("loss")
+    assert job.progress.metrics["eval_loss"] > 0
     assert job.adapter == AdapterRef(name="acme-budgeting-dpo", version="v1")
 
     got = await trainer.stub.GetAdapter(

@@ -41,6 +41,9 @@ class ProgressReporter(TrainerCallback):
         self.started = time.monotonic()
         self.first_step = 0
         self.first_tokens = 0
+        # Eval logs carry no training loss: the last one seen stays the job's loss.
+        self.loss: float | None = None
+        self.reward_margin: float | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
@@ -62,13 +65,17 @@ class ProgressReporter(TrainerCallback):
         done = state.global_step - self.first_step
         per_step = elapsed / done if done else 0.0
         metrics = {k: v for k, raw in logs.items() if (v := _number(raw)) is not None}
+        loss = metrics.get("loss", metrics.get("train_loss"))
+        self.loss = self.loss if loss is None else loss
+        margin = metrics.get("rewards/margins", metrics.get("margin"))
+        self.reward_margin = self.reward_margin if margin is None else margin
         self.report(
             Progress(
                 step=state.global_step,
                 total_steps=state.max_steps,
                 epoch=float(state.epoch or 0.0),
-                loss=metrics.get("loss", metrics.get("train_loss")),
-                reward_margin=metrics.get("rewards/margins", metrics.get("margin")),
+                loss=self.loss,
+                reward_margin=self.reward_margin,
                 tokens_per_second=(state.num_input_tokens_seen - self.first_tokens) / elapsed,
                 eta_seconds=max(state.max_steps - state.global_step, 0) * per_step,
                 metrics=metrics,
