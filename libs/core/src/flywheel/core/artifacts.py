@@ -81,6 +81,48 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_tree(
+    folder: Path, *, skip: frozenset[str] = frozenset(), suffixes: tuple[str, ...] | None = None
+) -> dict[str, str]:
+    """Hex sha256 of every file under ``folder`` by relative path (sorted), leaving out
+    names in ``skip`` and, when given, files whose name does not end in ``suffixes``."""
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in skip and (suffixes is None or p.name.endswith(suffixes))
+    }
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed into place).
+    ``durable`` also fsyncs the file and its folder, so the rename survives a power loss."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def copy_out(store: ArtifactStore, key: str, target: Path) -> Path:
+    """Copy artifact ``key`` to the local file ``target`` (its folder made as needed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with store.open(key) as source, target.open("wb") as sink:
+        shutil.copyfileobj(source, sink, _CHUNK)
+    return target
+
+
 class LocalArtifactStore:
     """Artifacts as files under ``root``; each has a ``.sha256`` sidecar written after it."""
 
@@ -115,7 +157,7 @@ class LocalArtifactStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         checksum = digest.hexdigest()
-        _atomic_write_text(path.with_name(path.name + ".sha256"), checksum)
+        atomic_write_text(path.with_name(path.name + ".sha256"), checksum)
         return ArtifactInfo(key, size, checksum)
 
     def put_file(self, key: str, source: Path) -> ArtifactInfo:
@@ -186,9 +228,3 @@ class LocalArtifactStore:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from flywheel.core.artifacts import sha256_file
+from flywheel.core.artifacts import sha256_tree
 from flywheel.domains.retail_media import corpus
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -189,7 +189,7 @@ def bootstrap_model(
     try:
         model.save_pretrained(building, safe_serialization=True)
         tokenizer.save_pretrained(building)
-        files = {p.name: sha256_file(p) for p in sorted(building.iterdir()) if p.is_file()}
+        files = sha256_tree(building)
         manifest: dict[str, Any] = {
             "kind": "flywheel-bootstrap-model",
             "config": dataclasses.asdict(config),

@@ -14,13 +14,11 @@ exists and whose files still match it; anything else is deleted.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from flywheel.core.artifacts import sha256_file
+from flywheel.core.artifacts import atomic_write_text, sha256_tree
 
 MARKER = "COMPLETE.json"
 KEEP = 2
@@ -28,27 +26,13 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
-    }
+    return sha256_tree(folder, skip=frozenset({MARKER}))
 
 
 def write_marker(folder: Path, step: int) -> None:
-    """Mark ``folder`` complete: every file's sha256, atomically."""
+    """Mark ``folder`` complete: every file's sha256, atomically and durably."""
     text = json.dumps({"step": step, "files": _files(folder)}, indent=1, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=".complete-", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MARKER)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_text(folder / MARKER, text, durable=True)
 
 
 def is_complete(folder: Path) -> bool:

@@ -10,18 +10,14 @@ import hashlib
 import json
 from pathlib import Path
 
-from flywheel.core.artifacts import sha256_file
+from flywheel.core.artifacts import sha256_file, sha256_tree
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 def folder_digest(folder: Path, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> str:
     """sha256 over the names and sha256s of the folder's files with ``suffixes``."""
-    entries = {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name.endswith(suffixes)
-    }
+    entries = sha256_tree(folder, suffixes=suffixes)
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,7 +18,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from flywheel.contracts.common.v1.common_pb2 import AdapterRef, ArtifactRef, FileDigest, Lineage
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
-from flywheel.core.artifacts import ArtifactStore, sha256_file
+from flywheel.core.artifacts import ArtifactStore, sha256_file, sha256_tree
 from flywheel.core.layout import adapter_prefix
 from flywheel.trainer.fingerprints import base_model_digest
 from flywheel.trainer.spec import TrainSpec
@@ -55,11 +55,8 @@ METHOD_NAMES = {v: k for k, v in METHODS.items()}
 def file_digests(folder: Path) -> list[FileDigest]:
     """sha256 and size of every file in ``folder`` (the manifest excluded), sorted."""
     return [
-        FileDigest(
-            path=str(p.relative_to(folder)), sha256=sha256_file(p), size_bytes=p.stat().st_size
-        )
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        FileDigest(path=path, sha256=digest, size_bytes=(folder / path).stat().st_size)
+        for path, digest in sha256_tree(folder, skip=frozenset({MANIFEST})).items()
     ]
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +27,6 @@ SPEC = "spec.json"
 PROGRESS = "progress.jsonl"
 OUTCOME = "outcome.json"
 ARTIFACTS_ENV = "FLYWHEEL_ARTIFACTS_DIR"
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """``data`` as JSON at ``path``, whole or not at all."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +62,7 @@ def read_outcome(work_dir: Path) -> dict[str, Any] | None:
 def run_job(work_dir: Path, callbacks: list[Any] | None = None) -> int:
     """Train the spec in ``work_dir``; 0 on success, 2 for a spec that cannot run."""
     # Imported here so `--help` and the service's imports stay light.
-    from flywheel.core.artifacts import LocalArtifactStore
+    from flywheel.core.artifacts import LocalArtifactStore, atomic_write_text
     from flywheel.trainer import training
     from flywheel.trainer.progress import Progress
     from flywheel.trainer.spec import TrainSpec
@@ -106,7 +95,8 @@ def run_job(work_dir: Path, callbacks: list[Any] | None = None) -> int:
         return 0  # under accelerate, rank 0 records the outcome for all
     result = dataclasses.asdict(outcome)
     result["adapter_dir"] = str(outcome.adapter_dir)
-    write_json_atomically(work_dir / OUTCOME, result)
+    text = json.dumps(result, indent=1, sort_keys=True, default=str)
+    atomic_write_text(work_dir / OUTCOME, text, durable=True)
     resumed = outcome.resumed_from_step
     how = f"resumed from step {resumed}" if resumed is not None else "from the start"
     log.info("done: %d steps, %s; adapter in %s", outcome.steps, how, outcome.adapter_dir)

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from google.protobuf import json_format
 from flywheel.contracts.common.v1.common_pb2 import AdapterRef
 from flywheel.contracts.trainer.v1 import events_pb2 as te
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
-from flywheel.core.artifacts import ArtifactStore, sha256_file
+from flywheel.core.artifacts import ArtifactStore, copy_out, sha256_file
 from flywheel.core.events.outbox import add_event
 from flywheel.core.layout import snapshot_file_key
 from flywheel.trainer import checkpoints, manifest, specs
@@ -42,6 +41,7 @@ from flywheel.trainer.jobs import SOURCE_SERVICE, AdapterStore, JobStore, now
 from flywheel.trainer.launch import devices_needed, job_command
 from flywheel.trainer.models import JobRow
 from flywheel.trainer.runner import ARTIFACTS_ENV, PROGRESS, SPEC, RecordedOutcome
+from flywheel.trainer.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 LOG_FILE = "job.log"
@@ -87,12 +87,6 @@ class Running:
 
 def work_dir_of(root: Path, job_id: str) -> Path:
     return root / job_id
-
-
-def _copy_out(store: ArtifactStore, key: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with store.open(key) as source, target.open("wb") as sink:
-        shutil.copyfileobj(source, sink)
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -206,12 +200,12 @@ class Scheduler:
             raise JobSetupError(
                 f"dataset snapshot {spec.dataset_snapshot_id} is not in the artifact store"
             )
-        _copy_out(self.store, train_key, data_dir / "train.jsonl")
+        copy_out(self.store, train_key, data_dir / "train.jsonl")
         eval_file = None
         eval_key = snapshot_file_key(row.tenant_id, spec.dataset_snapshot_id, "eval")
         if self.store.exists(eval_key) and self.store.info(eval_key).size:
             eval_file = data_dir / "eval.jsonl"
-            _copy_out(self.store, eval_key, eval_file)
+            copy_out(self.store, eval_key, eval_file)
         parent = None
         if spec.HasField("parent_adapter"):
             parent = await self._fetch_parent(
@@ -233,7 +227,7 @@ class Scheduler:
         prefix = self.store.key_of(parent.artifact.uri)
         for digest in parent.files:
             path = target / digest.path
-            _copy_out(self.store, f"{prefix}/{digest.path}", path)
+            copy_out(self.store, f"{prefix}/{digest.path}", path)
             if sha256_file(path) != digest.sha256:
                 raise JobSetupError(
                     f"parent adapter file {digest.path} does not match its manifest"
@@ -354,8 +348,6 @@ class Scheduler:
         JOBS_FINISHED.labels("succeeded").inc()
 
     async def _publish(self, row: JobRow, outcome: RecordedOutcome) -> None:
-        from flywheel.trainer.spec import TrainSpec
-
         run_spec = TrainSpec.from_json(
             json.loads((work_dir_of(self.work_root, row.job_id) / SPEC).read_text())
         )

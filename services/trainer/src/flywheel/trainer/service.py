@@ -23,7 +23,7 @@ from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.topics import EventType
 from flywheel.core.paging import Page
 from flywheel.trainer import checkpoints, specs
-from flywheel.trainer.jobs import FINISHED, AdapterStore, JobStore
+from flywheel.trainer.jobs import FINISHED, AdapterStore, JobStore, to_message
 from flywheel.trainer.scheduler import LOG_FILE, work_dir_of
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,6 @@ class TrainerService:
         return handled
 
     async def get(self, tenant_id: str, job_id: str) -> tr.Job:
-        from flywheel.trainer.jobs import to_message
-
         return to_message(await self.jobs.row(tenant_id, job_id))
 
     async def list_jobs(
@@ -160,7 +158,10 @@ class TrainerService:
             first = False
             for line in lines:
                 yield datetime.now(UTC), line
-            if not follow or ((await self.get(tenant_id, job_id)).state in FINISHED and not lines):
+            if not follow:
+                return
+            # Following ends once the job has finished and its log has no more lines.
+            if not lines and (await self.get(tenant_id, job_id)).state in FINISHED:
                 return
             await asyncio.sleep(WATCH_POLL_S)
 

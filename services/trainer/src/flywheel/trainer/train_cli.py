@@ -82,12 +82,6 @@ def _hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _copy_out(store: Any, key: str, target: Path) -> Path:
-    with store.open(key) as source:
-        target.write_bytes(source.read())
-    return target
-
-
 def _data_files(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path | None, str]:
     """Train file, eval file and snapshot id of ``--dataset`` (snapshot files are copied
     out of the artifact store into ``scratch``)."""
@@ -101,7 +95,7 @@ def _data_files(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path | N
         )
     if not args.tenant:
         raise SystemExit("a snapshot id needs --tenant")
-    from flywheel.core.artifacts import LocalArtifactStore
+    from flywheel.core.artifacts import LocalArtifactStore, copy_out
     from flywheel.core.config import ServiceSettings
     from flywheel.core.layout import snapshot_file_key
 
@@ -111,8 +105,8 @@ def _data_files(args: argparse.Namespace, scratch: Path) -> tuple[Path, Path | N
         raise SystemExit(f"snapshot {args.dataset} of tenant {args.tenant} is not in {store.root}")
     eval_key = snapshot_file_key(args.tenant, args.dataset, "eval")
     if eval_file is None and store.exists(eval_key) and store.info(eval_key).size:
-        eval_file = _copy_out(store, eval_key, scratch / "eval.jsonl")
-    return _copy_out(store, train_key, scratch / "train.jsonl"), eval_file, args.dataset
+        eval_file = copy_out(store, eval_key, scratch / "eval.jsonl")
+    return copy_out(store, train_key, scratch / "train.jsonl"), eval_file, args.dataset
 
 
 def spec_from_args(args: argparse.Namespace, scratch: Path) -> TrainSpec:
