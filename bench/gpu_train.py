@@ -165,7 +165,10 @@ def measure(mode: str, folder: Path, shape: Shape, args: argparse.Namespace) -> 
             sum(
                 m.in_features * m.out_features
                 for m in base.modules()
+                # bitsandbytes' own layer only: PEFT's LoRA wrapper around it is also
+                # called Linear4bit and would count every weight twice.
                 if type(m).__name__ == "Linear4bit"
+                and type(m).__module__.startswith("bitsandbytes")
             )
             + sum(p.numel() for n, p in base.named_parameters() if "norm" in n)
             + base.get_output_embeddings().weight.numel()
