@@ -87,7 +87,9 @@ async def _start(
 
 async def cmd_up(args: argparse.Namespace) -> int:
     """Start every service and supervise them until Ctrl-C."""
-    supervisor, healthy = await _start(args)
+    _stack_env(args)  # a bad stack setting fails now, not after minutes of model building
+    base_model = await asyncio.to_thread(_base_model, args)
+    supervisor, healthy = await _start(args, _model_env(base_model))
     if not healthy:
         await supervisor.stop_all()
         return 1
@@ -119,23 +121,32 @@ async def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(v == "SERVING" for v in statuses.values()) else 1
 
 
-def _demo_base_model(args: argparse.Namespace) -> str:
-    """The base model the demo trains on: ``--base-model``, or the bootstrap model (built
-    the first time, a few CPU minutes; cached under the data folder after that)."""
+def _base_model(args: argparse.Namespace) -> str:
+    """The base model the stack serves and trains on: ``--base-model``, else
+    ``FLYWHEEL_INFERENCE_BASE_MODEL``, else the bootstrap model (built the first time, a
+    few CPU minutes; cached under the data folder after that)."""
     if args.base_model:
-        return str(args.base_model)
+        return str(args.base_model.resolve())
+    if os.environ.get("FLYWHEEL_INFERENCE_BASE_MODEL"):
+        return os.environ["FLYWHEEL_INFERENCE_BASE_MODEL"]
     from flywheel.trainer.bootstrap import bootstrap_model
 
     root = args.data_dir.resolve() / "models"
-    print(f"flywheel demo: base model from `flywheel bootstrap-model` (cached in {root})")
+    print(f"flywheel: base model from `flywheel bootstrap-model` (cached in {root})")
     return str(bootstrap_model(root))
+
+
+def _model_env(base_model: str) -> dict[str, str]:
+    """What tells the services the base model: the inference engine serves it."""
+    return {"FLYWHEEL_INFERENCE_BASE_MODEL": base_model}
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
     """Start every service, check each is healthy, turn the loop once, and shut down."""
     _stack_env(args)  # a bad stack setting fails now, not after minutes of model building
-    base_model = await asyncio.to_thread(_demo_base_model, args)
-    env = demo_loop.DEMO_POLICY | {"FLYWHEEL_POLICY_BASE_MODEL": base_model}
+    base_model = await asyncio.to_thread(_base_model, args)
+    env = demo_loop.DEMO_POLICY | _model_env(base_model)
+    env["FLYWHEEL_POLICY_BASE_MODEL"] = base_model
     supervisor, healthy = await _start(args, env)
     turned = False
     try:
@@ -187,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
             "--free-ports", action="store_true", help="pick free ports instead of the defaults"
         )
         p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
-        if name == "demo":
-            p.add_argument(
-                "--base-model", type=Path,
-                help="model folder to train on (default: the cached bootstrap model)",
-            )  # fmt: skip
+        p.add_argument(
+            "--base-model", type=Path,
+            help="model folder to serve and train on (default: FLYWHEEL_INFERENCE_BASE_MODEL, "
+            "else the bootstrap model, built once and cached in the data folder)",
+        )  # fmt: skip
     common(sub.add_parser("status", help="show the health of running services"))
     admin.add_parsers(sub, f"127.0.0.1:{GRPC_BASE_PORT + 2}")
     dataset_cli.add_parser(sub)

@@ -10,6 +10,8 @@ SERVICE_NAMES = ("feedback", "dataset", "trainer", "inference", "critic", "gatew
 GRPC_BASE_PORT = 50050
 METRICS_BASE_PORT = 9100
 GATEWAY_HTTP_PORT = 8080
+# The inference service's OpenAI-compatible API (the gateway proxies it).
+INFERENCE_HTTP_PORT = 8105
 # Same numbering as each service's settings defaults: gateway 1, feedback 2, ...
 _PORT_INDEX = {"gateway": 1, "feedback": 2, "dataset": 3, "trainer": 4, "inference": 5, "critic": 6}
 
@@ -28,6 +30,9 @@ class ServicePorts:
         return asdict(self)
 
 
+HTTP_DEFAULTS = {"gateway": GATEWAY_HTTP_PORT, "inference": INFERENCE_HTTP_PORT}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,8 +45,8 @@ def plan_ports(free: bool = False) -> dict[str, ServicePorts]:
     for name in SERVICE_NAMES:
         i = _PORT_INDEX[name]
         http = None
-        if name == "gateway":
-            http = _free_port() if free else GATEWAY_HTTP_PORT
+        if name in HTTP_DEFAULTS:
+            http = _free_port() if free else HTTP_DEFAULTS[name]
         plan[name] = ServicePorts(
             name=name,
             grpc_port=_free_port() if free else GRPC_BASE_PORT + i,

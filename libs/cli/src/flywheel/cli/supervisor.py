@@ -77,6 +77,7 @@ class Supervisor:
         upstreams = json.dumps(
             {n: f"127.0.0.1:{p.grpc_port}" for n, p in plan.items() if n != "gateway"}
         )
+        inference_http = plan["inference"].http_port
         self.services: dict[str, ManagedService] = {}
         for name in SERVICE_NAMES:
             ports = plan[name]
@@ -86,6 +87,8 @@ class Supervisor:
                 "FLYWHEEL_GRPC_PORT": str(ports.grpc_port),
                 "FLYWHEEL_METRICS_PORT": str(ports.metrics_port),
                 "FLYWHEEL_UPSTREAMS": upstreams,
+                # The inference service's OpenAI API, which the gateway proxies.
+                "FLYWHEEL_INFERENCE_URL": f"http://127.0.0.1:{inference_http}",
             }
             if ports.http_port is not None:
                 env["FLYWHEEL_HTTP_PORT"] = str(ports.http_port)

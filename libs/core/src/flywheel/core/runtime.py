@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from grpc_health.v1 import health_pb2
 
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.config import ServiceSettings
@@ -57,11 +58,24 @@ class ServiceRuntime:
         self._registrations: list[Registration] = []
         self._service_names: list[str] = []
         self._tasks: list[BackgroundTask] = [self.relay.run]
+        # False: health reports NOT_SERVING until a task calls ``mark_ready``.
+        self.ready_at_start = True
 
     def add_grpc_service(self, registration: Registration, full_name: str) -> None:
         """Serve a gRPC servicer; ``full_name`` (e.g. flywheel.contracts.x.v1.X) gets health."""
         self._registrations.append(registration)
         self._service_names.append(full_name)
+
+    def defer_readiness(self) -> None:
+        """Report NOT_SERVING after start-up until ``mark_ready`` (for services that must
+        prepare before taking traffic, such as an inference replica restoring adapters)."""
+        self.ready_at_start = False
+
+    async def mark_ready(self) -> None:
+        """Report SERVING for the server and every registered service."""
+        if self.grpc is not None:
+            for name in ("", *self._service_names):
+                await self.grpc.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def add_task(self, task: BackgroundTask) -> None:
         """Run ``task`` alongside the server until shutdown."""
@@ -76,6 +90,9 @@ class ServiceRuntime:
         self.grpc = await start_grpc_server(
             s.host, s.grpc_port, self._registrations, self._service_names
         )
+        if not self.ready_at_start:
+            for name in ("", *self._service_names):
+                await self.grpc.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info(
             "%s serving",
             s.service_name,
