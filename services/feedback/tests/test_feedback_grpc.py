@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from flywheel.contracts.feedback.v1.events_pb2 import FeedbackEdited, FeedbackRe
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
 from flywheel.core.errors import field_errors_of
 from flywheel.core.events.envelope import parse, unpack
+from flywheel.core.ids import generation_id_for
 from flywheel.core.runtime import ServiceRuntime
 
 
@@ -118,6 +120,40 @@ async def test_generations_are_idempotent_paged_and_scoped(stub: FeedbackService
     assert other.code() is grpc.StatusCode.NOT_FOUND
     empty = await stub.ListGenerations(api.ListGenerationsRequest(tenant_id="globex"))
     assert list(empty.generations) == []
+
+
+async def test_client_generation_id_determines_generation_id(stub: FeedbackServiceStub) -> None:
+    """A caller that chose the client id knows the generation id before logging it."""
+    await _tenant(stub, "acme")
+    await _tenant(stub, "globex")
+    single = await _generation(stub, "acme", client_generation_id="req-7")
+    assert single.generation_id == generation_id_for("acme", "req-7")
+    batch = await stub.BatchLogGenerations(
+        api.BatchLogGenerationsRequest(
+            tenant_id="globex",
+            generations=[
+                api.GenerationInput(
+                    client_generation_id=cid,
+                    task="budgeting",
+                    prompt=Prompt(text="Plan Q3 budget"),
+                    output="Put 60% on search.",
+                    model="globex/budgeting",
+                )
+                for cid in ("req-7", "req-8")
+            ],
+        )
+    )
+    ids = [r.generation.generation_id for r in batch.results]
+    # Same client id, other tenant: another generation, another id.
+    assert ids == [generation_id_for("globex", "req-7"), generation_id_for("globex", "req-8")]
+    assert ids[0] != single.generation_id
+    fetched = await stub.GetGeneration(
+        api.GetGenerationRequest(tenant_id="acme", generation_id=generation_id_for("acme", "req-7"))
+    )
+    assert fetched.generation.client_generation_id == "req-7"
+    # Without a client id the id is random, as before.
+    anonymous = await _generation(stub, "acme")
+    assert uuid.UUID(anonymous.generation_id).version == 4
 
 
 async def test_invalid_generation_names_every_field(stub: FeedbackServiceStub) -> None:

@@ -14,6 +14,7 @@ from flywheel.contracts.feedback.v1.service_pb2 import (
     GenerationFilter,
     GenerationInput,
 )
+from flywheel.core.ids import generation_id_for
 from flywheel.core.paging import Page, utcnow
 from flywheel.feedback import mapping
 from flywheel.feedback.models import (
@@ -95,7 +96,13 @@ class Generations(Store):
             session.add(TaskTypeRow(tenant_id=tenant_id, name=data.task, created_at=utcnow()))
         created = data.served_at.ToDatetime(UTC) if data.HasField("served_at") else utcnow()
         row = GenerationRow(
-            generation_id=str(uuid.uuid4()),
+            # With a client id the id is derived from it, so whoever chose the client id (the
+            # inference service's durable log) knows the generation id before it is logged.
+            generation_id=(
+                generation_id_for(tenant_id, client_id)
+                if client_id is not None
+                else str(uuid.uuid4())
+            ),
             tenant_id=tenant_id,
             client_generation_id=client_id,
             task=data.task,

@@ -56,7 +56,10 @@ def build() -> ServiceRuntime:
         max_rank=settings.inference_max_lora_rank,
         max_loaded=settings.inference_max_loaded_adapters,
     )  # fmt: skip
-    feedback = grpc.aio.insecure_channel(settings.feedback_address())
+    # Reconnect within seconds of the feedback service coming back (gRPC waits up to 2 min).
+    feedback = grpc.aio.insecure_channel(
+        settings.feedback_address(), options=[("grpc.max_reconnect_backoff_ms", 5000)]
+    )
     relay = GenerationRelay(runtime.sessions, feedback_sender(feedback))
     generation_log = GenerationLog(runtime.sessions, on_commit=relay.wake)
     service = InferenceService(

@@ -72,6 +72,13 @@ def running_stack(
     given their addresses, else on the embedded default."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     full_env = base | (env or {})
+    if "FLYWHEEL_INFERENCE_BASE_MODEL" not in full_env:
+        # The inference service serves a base model; tests get the tiny one (a second to
+        # build) rather than the demo's bootstrap model (minutes). Imported here: core
+        # does not depend on the services, only its test helpers use them.
+        from flywheel.inference.testing import tiny_base_model
+
+        full_env["FLYWHEEL_INFERENCE_BASE_MODEL"] = str(tiny_base_model(tmp_path / "models"))
     data = tmp_path / "data"
     stack_args = ["--stack", "embedded"]
     if pg_url is not None and kafka_bootstrap is not None:

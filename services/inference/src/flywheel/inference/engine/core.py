@@ -380,7 +380,8 @@ class EngineCore:
         params = sequence.request.params
         delta = sequence.stream.add(token, special=token in self.special_ids)
         generated = len(sequence.sampler.generated)
-        if token in self.eos_ids or sequence.stream.stopped:
+        ends = token in self.eos_ids and not params.ignore_eos
+        if ends or sequence.stream.stopped:
             sequence.finish_reason = "stop"
         elif (
             generated >= params.max_tokens

@@ -221,6 +221,7 @@ def _sampling(
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty,
+        ignore_eos=body.ignore_eos,
     )
 
 
