@@ -45,9 +45,13 @@ class BatchAdapters:
 
     rows: torch.Tensor | None = None
     version: int = 0
+    slots: list[int] = field(default_factory=list)
 
     def set(self, slots: list[int]) -> None:
         """Use ``slots`` (one per batch row) for the next forward passes."""
+        if slots == self.slots:
+            return  # unchanged batch: layers keep their gathered pairs
+        self.slots = list(slots)
         self.version += 1
         self.rows = None if not any(slots) else torch.tensor(slots, dtype=torch.long)
 
