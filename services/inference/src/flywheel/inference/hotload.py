@@ -22,7 +22,7 @@ from google.protobuf.json_format import MessageToDict
 
 from flywheel.contracts.inference.v1 import resources_pb2 as ri
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
-from flywheel.core.artifacts import ArtifactStore, copy_out, sha256_file
+from flywheel.core.artifacts import ArtifactError, ArtifactStore, copy_out, sha256_file
 from flywheel.inference.composition import compose_cat, composite_key
 from flywheel.inference.engine_client import EngineClient, EngineError
 from flywheel.inference.registry import AdapterRegistry
@@ -200,7 +200,7 @@ class AdapterLoader:
         """Copy the adapter's files out of the store into ``target`` (atomically)."""
         try:
             prefix = self.store.key_of(manifest.artifact.uri)
-        except (ValueError, KeyError) as error:
+        except (ArtifactError, ValueError, KeyError) as error:
             raise AdapterRejected("unsafe_path", f"artifact URI: {error}") from error
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
@@ -210,7 +210,7 @@ class AdapterLoader:
                     raise AdapterRejected("unsafe_path", f"file path {digest.path!r}")
                 try:
                     copy_out(self.store, f"{prefix}/{digest.path}", staging / digest.path)
-                except FileNotFoundError as error:
+                except (ArtifactError, FileNotFoundError) as error:
                     raise AdapterRejected("missing_file", f"{digest.path}: {error}") from error
             if manifest.artifact.sha256 and self.store.exists(f"{prefix}/{MANIFEST}"):
                 stored = copy_out(self.store, f"{prefix}/{MANIFEST}", staging / MANIFEST)

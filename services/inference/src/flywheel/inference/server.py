@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import uvicorn
 
+from flywheel.contracts.inference.v1 import service_pb2_grpc
 from flywheel.core.events.bus import EventRecord
 from flywheel.core.events.consumer import run_consumer
 from flywheel.core.events.topics import Topic
@@ -23,6 +24,7 @@ from flywheel.inference.config import InferenceSettings
 from flywheel.inference.engine_client import EngineClient
 from flywheel.inference.engine_process import engine_command, free_port, run_engine, wait_healthy
 from flywheel.inference.generation_log import GenerationLog, GenerationRelay, feedback_sender
+from flywheel.inference.grpc_api import SERVICE_NAME, InferenceServicer
 from flywheel.inference.hotload import AdapterLoader
 from flywheel.inference.http_api import build_app
 from flywheel.inference.registry import AdapterRegistry
@@ -30,7 +32,6 @@ from flywheel.inference.service import InferenceService
 from flywheel.inference.validation import BaseModelFacts
 
 MIGRATIONS = Path(__file__).parent / "migrations" / "versions"
-SERVICE_NAME = "flywheel.contracts.inference.v1.InferenceService"
 ENGINE_START_S = 600.0
 
 
@@ -67,6 +68,10 @@ def build() -> ServiceRuntime:
         base_model=base_id, replica=settings.inference_replica_id,
     )  # fmt: skip
     runtime.add_task(relay.run)
+    runtime.add_grpc_service(
+        (service_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(service)),
+        SERVICE_NAME,
+    )
 
     if not settings.inference_engine_url:
         command = engine_command(

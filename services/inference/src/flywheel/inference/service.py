@@ -42,6 +42,7 @@ from flywheel.inference.routing import (
     choose_arm,
     parse_model_name,
 )
+from flywheel.inference.validation import AdapterRejected
 
 USABLE = (ri.ADAPTER_STATUS_ROUTABLE, ri.ADAPTER_STATUS_UNLOADED)
 DEFAULT_TASK = "general"
@@ -199,12 +200,22 @@ class InferenceService:
                     f"({ri.AdapterStatus.Name(entry.status)}"
                     + (f": {entry.reject_reason})" if entry.reject_reason else ")")
                 )
-        if len(refs) == 1:
-            ref = refs[0]
-            name = await self.loader.ensure(tenant_id, ref.name, ref.version)
-            await self.registry.mark_used(tenant_id, ref.name, ref.version)
-            return name
-        return await self.loader.ensure_composite(tenant_id, refs)
+        try:
+            if len(refs) == 1:
+                ref = refs[0]
+                name = await self.loader.ensure(tenant_id, ref.name, ref.version)
+                await self.registry.mark_used(tenant_id, ref.name, ref.version)
+                return name
+            return await self.loader.ensure_composite(tenant_id, refs)
+        except AdapterRejected as rejected:
+            # Files that validated once and no longer do (changed in the store): never
+            # serve them again, and say so on the adapters topic.
+            if len(refs) == 1:
+                await self.registry.set_status(
+                    tenant_id, refs[0].name, refs[0].version, ri.ADAPTER_STATUS_REJECTED,
+                    reject_code=rejected.code, reject_reason=rejected.reason,
+                )  # fmt: skip
+            raise Conflict(f"adapter cannot be served: {rejected.reason}") from rejected
 
     # ---- serving ---------------------------------------------------------------------
 
