@@ -95,9 +95,9 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = now()
-        data = [_model_card(model_name, model_path, None, created)]
+        data = [_model_card(model_name, model_path, None, created, core.max_model_len)]
         data += [
-            _model_card(name, path, model_name, created)
+            _model_card(name, path, model_name, created, None)
             for name, path in sorted(core.adapter_paths.items())
         ]
         return {"object": "list", "data": data}
@@ -180,7 +180,10 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
     return app
 
 
-def _model_card(name: str, root: str, parent: str | None, created: int) -> dict[str, Any]:
+def _model_card(
+    name: str, root: str, parent: str | None, created: int, max_model_len: int | None
+) -> dict[str, Any]:
+    # vLLM's card: adapters carry their path as root and the base model as parent.
     return {
         "id": name,
         "object": "model",
@@ -188,6 +191,7 @@ def _model_card(name: str, root: str, parent: str | None, created: int) -> dict[
         "owned_by": "flywheel",
         "root": root,
         "parent": parent,
+        "max_model_len": max_model_len,
     }
 
 

@@ -50,7 +50,8 @@ class RowSampler:
         """A sampler for choice ``choice`` of a request (seeded choices differ by index)."""
         generator = None
         if params.seed is not None and not params.greedy:
-            generator = torch.Generator().manual_seed(params.seed * 1_000_003 + choice)
+            # As vLLM: choice i of a seeded request samples like a single request with seed + i.
+            generator = torch.Generator().manual_seed(params.seed + choice)
         return cls(params=params, prompt_ids=prompt_ids, generator=generator)
 
 
