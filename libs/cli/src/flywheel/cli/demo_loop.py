@@ -4,25 +4,33 @@ A tenant and an integrator key are made on the feedback service; generations and
 (ratings of a good and a bad budget split per prompt, and some A/B preferences) go through
 the gateway's REST API; the dataset service consumes the events, its trigger policy builds a
 preference snapshot and requests DPO training on it; the trainer runs the job and publishes
-a LoRA adapter. The demo follows each step and prints what it produced.
+a LoRA adapter; the inference service hot-loads it, an alias splits traffic between the
+base model and the new adapter, answers are served through the gateway's OpenAI API with
+the generation id and adapter version that served each, a rater's thumbs-down lands on
+one of them, and the adapter is promoted. The demo follows each step and prints it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
 import urllib.request
 import uuid
 from typing import Any
 
 import grpc
 
+from flywheel.contracts.common.v1 import common_pb2 as cm
 from flywheel.contracts.dataset.v1 import resources_pb2 as ds
 from flywheel.contracts.dataset.v1 import service_pb2 as dsapi
 from flywheel.contracts.dataset.v1.service_pb2_grpc import DatasetServiceStub
 from flywheel.contracts.feedback.v1 import resources_pb2 as fb
 from flywheel.contracts.feedback.v1 import service_pb2 as fbapi
 from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
+from flywheel.contracts.inference.v1 import resources_pb2 as ir
+from flywheel.contracts.inference.v1 import service_pb2 as iapi
+from flywheel.contracts.inference.v1.service_pb2_grpc import InferenceServiceStub
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.contracts.trainer.v1 import service_pb2 as trapi
 from flywheel.contracts.trainer.v1.service_pb2_grpc import TrainerServiceStub
@@ -60,7 +68,12 @@ def _examples() -> list[tuple[str, str, str]]:
 
 
 async def run_loop(
-    gateway: str, feedback: str, dataset: str, trainer: str, timeout_s: float = 90
+    gateway: str,
+    feedback: str,
+    dataset: str,
+    trainer: str,
+    inference: str,
+    timeout_s: float = 90,
 ) -> bool:
     """Drive one turn of the loop; print what happened; whether it worked."""
     tenant = f"demo-{uuid.uuid4().hex[:8]}"
@@ -115,7 +128,76 @@ async def run_loop(
         f"{p.step} steps, loss {p.loss:.4f}, {p.tokens_per_second:.0f} tokens/s"
     )
     print(f"demo: adapter {job.adapter.name} {job.adapter.version} published (adapter.published)")
+    return await _serve(gateway, inference, tenant, key, job.adapter, timeout_s)
+
+
+async def _serve(
+    gateway: str, inference: str, tenant: str, key: str, adapter: cm.AdapterRef, timeout_s: float
+) -> bool:
+    """Hot-load -> A/B alias -> answers through the gateway -> feedback -> promotion."""
+    model = f"{adapter.name}@{adapter.version}"
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while model not in await asyncio.to_thread(_model_ids, gateway, key):
+        if asyncio.get_running_loop().time() > deadline:
+            print(f"demo: the inference service did not make {model} routable in time")
+            return False
+        await asyncio.sleep(0.5)
+    print(f"demo: inference hot-loaded {model}; it is routable (GET /v1/models)")
+    async with grpc.aio.insecure_channel(inference) as channel:
+        stub = InferenceServiceStub(channel)
+        arms = [
+            ir.TrafficArm(label="control", weight=1.0),
+            ir.TrafficArm(label="candidate", weight=1.0,
+                          adapters=[cm.WeightedAdapter(adapter=adapter, weight=1.0)]),
+        ]  # fmt: skip
+        await stub.SetSplit(
+            iapi.SetSplitRequest(tenant_id=tenant, alias="budgeting", arms=arms, sticky=True)
+        )
+        print(f"demo: alias {tenant}/budgeting splits users 50/50: base model vs {model}")
+        served = []
+        for user in ("ana", "ben", "chloe", "dev"):
+            body = {
+                "model": f"{tenant}/budgeting",
+                "messages": [{"role": "user", "content": _examples()[0][0]}],
+                "max_tokens": 24, "temperature": 0, "user": user,
+            }  # fmt: skip
+            answer = await asyncio.to_thread(_post, gateway, "/v1/chat/completions", key, body)
+            by = answer["served_by"]
+            text = answer["choices"][0]["message"]["content"]
+            print(f"demo:   {user}: arm {by['traffic_arm']:<9} -> {text[:48]!r}")
+            served.append((by, answer["choices"][0]["generation_id"]))
+        by, generation_id = next(((b, g) for b, g in served if b["adapter"]), served[0])
+        await _rate(gateway, key, {"generation_id": generation_id, "thumbs": "down"}, timeout_s)
+        version = f"{by['adapter']['name']}@{by['adapter']['version']}" if by["adapter"] else "base"
+        print(f"demo: a rater's thumbs-down on generation {generation_id[:8]} lands on {version}")
+        await stub.Promote(
+            iapi.PromoteRequest(tenant_id=tenant, alias="budgeting", adapter=adapter,
+                                reason="demo: promote the new adapter")
+        )  # fmt: skip
+    print(f"demo: {model} promoted: {tenant}/budgeting now routes all traffic to it")
     return True
+
+
+async def _rate(gateway: str, key: str, body: dict[str, Any], timeout_s: float) -> None:
+    """Post feedback on a served generation, waiting for its log to reach the feedback
+    service (the inference service logs asynchronously, so serving never waits on it)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await asyncio.to_thread(_post, gateway, "/v1/feedback", key, body)
+            return
+        except urllib.error.HTTPError as error:
+            if error.code != 404 or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+def _model_ids(gateway: str, key: str) -> list[str]:
+    request = urllib.request.Request(
+        gateway + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return [str(m["id"]) for m in json.loads(response.read())["data"]]
 
 
 async def _training_job(trainer: str, tenant: str, timeout_s: float) -> tr.Job | None:

@@ -157,6 +157,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                 f"127.0.0.1:{ports['feedback'].grpc_port}",
                 f"127.0.0.1:{ports['dataset'].grpc_port}",
                 f"127.0.0.1:{ports['trainer'].grpc_port}",
+                f"127.0.0.1:{ports['inference'].grpc_port}",
             )
     finally:
         await supervisor.stop_all()
@@ -166,8 +167,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         print(f"flywheel demo: FAILED (the loop did not turn; logs in {args.data_dir / 'logs'})")
     else:
         print(
-            "flywheel demo: every service was healthy, and feedback became a training request"
-            " and a published adapter"
+            "flywheel demo: every service was healthy, and feedback became a training request,"
+            " an adapter, hot-loaded, A/B-tested, rated and promoted"
         )
     return 0 if healthy and turned else 1
 

@@ -33,24 +33,40 @@ class ServicePorts:
 HTTP_DEFAULTS = {"gateway": GATEWAY_HTTP_PORT, "inference": INFERENCE_HTTP_PORT}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class _FreePorts:
+    """Free loopback ports, all different: each socket stays bound until the plan is made,
+    so the kernel cannot hand the same port out twice."""
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def take(self) -> int:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self._held.append(sock)
+        return int(sock.getsockname()[1])
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
 
 
 def plan_ports(free: bool = False) -> dict[str, ServicePorts]:
     """The fixed default ports, or free ones (``free=True``, for tests and parallel runs)."""
     plan = {}
-    for name in SERVICE_NAMES:
-        i = _PORT_INDEX[name]
-        http = None
-        if name in HTTP_DEFAULTS:
-            http = _free_port() if free else HTTP_DEFAULTS[name]
-        plan[name] = ServicePorts(
-            name=name,
-            grpc_port=_free_port() if free else GRPC_BASE_PORT + i,
-            metrics_port=_free_port() if free else METRICS_BASE_PORT + i,
-            http_port=http,
-        )
+    ports = _FreePorts()
+    try:
+        for name in SERVICE_NAMES:
+            i = _PORT_INDEX[name]
+            http = None
+            if name in HTTP_DEFAULTS:
+                http = ports.take() if free else HTTP_DEFAULTS[name]
+            plan[name] = ServicePorts(
+                name=name,
+                grpc_port=ports.take() if free else GRPC_BASE_PORT + i,
+                metrics_port=ports.take() if free else METRICS_BASE_PORT + i,
+                http_port=http,
+            )
+    finally:
+        ports.release()
     return plan

@@ -81,10 +81,22 @@ class AdapterLoader:
         Safe to repeat (events arrive at least once, and on every replica): a version
         already rejected stays rejected; one already routable is loaded here if needed.
         """
+        ref = manifest.adapter
+        try:  # names become paths: refuse before anything is stored under them
+            for value, what in (
+                (tenant_id, "tenant"),
+                (ref.name, "name"),
+                (ref.version, "version"),
+            ):
+                check_name(value, what)
+        except AdapterRejected as rejected:
+            await self.registry.reject_unregistrable(tenant_id, ref, rejected.code, rejected.reason)
+            return ri.RegisteredAdapter(
+                manifest=manifest, status=ri.ADAPTER_STATUS_REJECTED, reject_reason=rejected.reason
+            )
         entry, _ = await self.registry.register(tenant_id, manifest)
         if entry.status == ri.ADAPTER_STATUS_REJECTED:
             return entry
-        ref = manifest.adapter
         try:
             await self.ensure(tenant_id, ref.name, ref.version, manifest)
         except AdapterRejected as rejected:

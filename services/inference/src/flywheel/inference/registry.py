@@ -265,6 +265,18 @@ class AdapterRegistry:
             self.on_commit()
         return message
 
+    async def reject_unregistrable(
+        self, tenant_id: str, adapter: AdapterRef, reason_code: str, reason: str
+    ) -> None:
+        """Announce ``adapter.rejected`` for a published adapter that cannot even be
+        registered (an unsafe name): there is no row to mark, but its publisher must learn."""
+        async with self.sessions() as session, session.begin():
+            event = ie.AdapterRejected(
+                tenant_id=tenant_id, adapter=adapter, reason_code=reason_code, reason=reason
+            )
+            add_event(session, tenant_id, event, source_service=SOURCE_SERVICE)
+        self.on_commit()
+
     async def mark_used(
         self, tenant_id: str, name: str, version: str, *, at: datetime | None = None
     ) -> None:

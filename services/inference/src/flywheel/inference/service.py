@@ -10,6 +10,7 @@ id is known before the engine starts, so a streamed answer can carry it.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import uuid
@@ -18,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import struct_pb2
+from prometheus_client import Counter
 
 from flywheel.contracts.common.v1 import common_pb2 as cm
 from flywheel.contracts.feedback.v1.service_pb2 import GenerationInput
 from flywheel.contracts.inference.v1 import events_pb2 as ie
 from flywheel.contracts.inference.v1 import resources_pb2 as ri
 from flywheel.contracts.trainer.v1 import events_pb2 as te
-from flywheel.core.errors import Conflict, FieldError, InvalidArgument
+from flywheel.core.errors import Conflict, DomainError, FieldError, InvalidArgument
 from flywheel.core.events.bus import EventRecord
 from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.topics import EventType
@@ -44,6 +46,11 @@ from flywheel.inference.routing import (
 )
 from flywheel.inference.validation import AdapterRejected
 
+log = logging.getLogger(__name__)
+SKIPPED_EVENTS = Counter(
+    "flywheel_inference_adapter_events_skipped_total",
+    "Adapter events that could not be applied (invalid; logged, not retried).",
+)
 USABLE = (ri.ADAPTER_STATUS_ROUTABLE, ri.ADAPTER_STATUS_UNLOADED)
 DEFAULT_TASK = "general"
 
@@ -131,14 +138,22 @@ class InferenceService:
         adapter, follow promotions made elsewhere. Returns how many were handled."""
         handled = 0
         for record in records:
-            if record.event_type == EventType.ADAPTER_PUBLISHED:
-                manifest = unpack(parse(record.value), te.AdapterPublished).manifest
-                await self.loader.publish(manifest.tenant_id, manifest)
-            elif record.event_type == EventType.ADAPTER_PROMOTED:
-                await self.aliases.apply_promoted_event(
-                    unpack(parse(record.value), ie.AdapterPromoted)
-                )
-            else:
+            try:
+                if record.event_type == EventType.ADAPTER_PUBLISHED:
+                    manifest = unpack(parse(record.value), te.AdapterPublished).manifest
+                    await self.loader.publish(manifest.tenant_id, manifest)
+                elif record.event_type == EventType.ADAPTER_PROMOTED:
+                    await self.aliases.apply_promoted_event(
+                        unpack(parse(record.value), ie.AdapterPromoted)
+                    )
+                else:
+                    continue
+            except DomainError as error:
+                # The event itself is wrong (a version republished with other content, a
+                # bad manifest): retrying cannot help, and raising would hold back every
+                # later adapter event of this replica.
+                SKIPPED_EVENTS.inc()
+                log.error("adapter event %s skipped: %s", record.event_id, error)
                 continue
             handled += 1
         return handled
