@@ -58,8 +58,9 @@ def _alive(pid: int) -> bool:
 
 def test_up_supervises_and_status_reports(tmp_path: Path) -> None:
     data = tmp_path / "data"
+    base_model = bootstrap_model(tmp_path / "models", TINY, progress=False)
     up = subprocess.Popen(
-        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data)],
+        [*FLYWHEEL, "up", "--free-ports", "--data-dir", str(data), "--base-model", str(base_model)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -123,8 +124,10 @@ def test_demo_on_postgres_and_kafka_gives_each_service_its_schema(
         capture_output=True, text=True, env=_env(), timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "feedback became a training request and a published adapter" in result.stdout
+    assert "an adapter, hot-loaded, A/B-tested, rated and promoted" in result.stdout
     assert "adapter demo-" in result.stdout
+    assert "routable (GET /v1/models)" in result.stdout
+    assert "lands on demo-" in result.stdout, result.stdout
 
     async def schemas() -> set[str]:
         url = make_url(pg_url).set(drivername="postgresql")

@@ -41,6 +41,7 @@ DEMO_POLICY = {
     "FLYWHEEL_POLICY_MIN_PREFERENCE_PAIRS": "5",
     "FLYWHEEL_POLICY_COOLDOWN_S": "0",
 }
+USERS = ("ana", "ben", "chloe", "dev", "eli", "fay", "gus", "hana", "ivo", "jin", "kai", "lea")
 RETAILERS = ("search", "display", "social", "retail media", "video", "audio")
 
 
@@ -154,8 +155,11 @@ async def _serve(
             iapi.SetSplitRequest(tenant_id=tenant, alias="budgeting", arms=arms, sticky=True)
         )
         print(f"demo: alias {tenant}/budgeting splits users 50/50: base model vs {model}")
-        served = []
-        for user in ("ana", "ben", "chloe", "dev"):
+        served: list[tuple[dict[str, Any], str]] = []
+        # Users until both arms have answered (sticky hashing spreads them 50/50).
+        for user in USERS:
+            if len(served) >= 4 and len({b["traffic_arm"] for b, _ in served}) == 2:
+                break
             body = {
                 "model": f"{tenant}/budgeting",
                 "messages": [{"role": "user", "content": _examples()[0][0]}],

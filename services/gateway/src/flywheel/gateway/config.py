@@ -26,6 +26,20 @@ class GatewaySettings(ServiceSettings):
         default_factory=lambda: dict(DEFAULT_UPSTREAMS),
         description='gRPC host:port per service, as JSON: {"feedback": "host:port", ...}.',
     )
+    inference_url: str = Field(
+        "http://127.0.0.1:8105",
+        pattern=r"^https?://[^/\s]+",
+        description="Base URL of the inference service's OpenAI-compatible HTTP API (without "
+        "`/v1`), which `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` "
+        "proxy under the caller's tenant; `flywheel up` sets it.",
+    )
+    inference_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait for the inference service's next bytes: its whole answer to "
+        "a non-streamed completion, or the next chunk of a streamed one. Past it the caller "
+        "gets 504 (or, once a stream started, an error event ending it).",
+    )
     upstream_timeout_s: float = Field(
         10.0, gt=0, description="Deadline of each unary gRPC call to a service behind the gateway."
     )

@@ -18,8 +18,10 @@ ROLES_TABLE = """| role | may |
 |---|---|
 | rater | read generations; record, edit, retract and read feedback (human only) |
 | integrator | everything scoped to its tenant: users, task types, generations, feedback, \
-datasets, training jobs, adapters |
-| service | log generations; record synthetic feedback (`source: "synthetic:<critic>"`) |
+datasets, training jobs, adapters, the models (OpenAI-compatible `/v1/models`, \
+`/v1/chat/completions`, `/v1/completions`) |
+| service | log generations, directly or by calling the models (OpenAI-compatible); record \
+synthetic feedback (`source: "synthetic:<critic>"`) |
 | admin | the admin endpoints (tenants and API keys of any tenant); its own tenant's datasets, \
 training jobs and adapters |"""
 """What each role may do; a key has exactly one."""
@@ -93,6 +95,8 @@ AdminDep = Annotated[Principal, Depends(_allow(Role.ADMIN))]
 IntegratorDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR))]
 GenerationReaderDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
 GenerationWriterDep = Annotated[Principal, Depends(_allow(Role.INTEGRATOR, Role.SERVICE))]
+# Calling the models logs generations (and spends GPU time): the keys that log them.
+InferenceCallerDep = GenerationWriterDep
 FeedbackReaderDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR))]
 FeedbackWriterDep = Annotated[Principal, Depends(_allow(Role.RATER, Role.INTEGRATOR, Role.SERVICE))]
 # Edits and retractions are a person's (or the tenant application's) change of mind.

@@ -23,6 +23,7 @@ from flywheel.gateway.routes.catalog.router import router as catalog_router
 from flywheel.gateway.routes.datasets.router import router as datasets_router
 from flywheel.gateway.routes.feedback.router import router as feedback_router
 from flywheel.gateway.routes.generations.router import router as generations_router
+from flywheel.gateway.routes.inference.router import router as inference_router
 from flywheel.gateway.routes.training.router import router as training_router
 from flywheel.gateway.state import GatewayState
 
@@ -42,10 +43,17 @@ gateway replica for up to that long.
 `status`, `detail`, `instance` and, for invalid fields, `errors: [{{field, message}}]`.
 Unknown body fields (`tenant_id`, `role`, server-assigned ids) are rejected, naming the field.
 
-**Retries.** Send `Idempotency-Key: <unique string>` with any POST: retrying with the same
-key and request replays the first response (header `Idempotent-Replayed: true`) without
-doing it twice; the same key with a different request is a 422, and a retry while the
-first is still running a 409. Keys are kept 24 hours, per API key.
+**Models (OpenAI-compatible).** `GET /v1/models`, `POST /v1/chat/completions` and
+`POST /v1/completions` relay the inference service's OpenAI API under the key's tenant, so
+OpenAI's clients work with `base_url` set to the gateway's `/v1` and a Flywheel API key as
+`api_key`. Their bodies and errors are OpenAI's (`{{"error": {{message, type, param, code}}}}`),
+and they ignore `Idempotency-Key`.
+
+**Retries.** Send `Idempotency-Key: <unique string>` with any POST (but the models'):
+retrying with the same key and request replays the first response (header
+`Idempotent-Replayed: true`) without doing it twice; the same key with a different
+request is a 422, and a retry while the first is still running a 409. Keys are kept
+24 hours, per API key.
 
 **Limits.** Bodies over `FLYWHEEL_MAX_BODY_BYTES` (1 MiB) get 413; each API key may make
 `FLYWHEEL_RATE_LIMIT_BURST` requests at once and `FLYWHEEL_RATE_LIMIT_PER_S` per second
@@ -102,6 +110,7 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
         admin_router,
         catalog_router,
         generations_router,
+        inference_router,
         feedback_router,
         datasets_router,
         training_router,
@@ -132,6 +141,10 @@ def create_app(settings: GatewaySettings, *, sessions: SessionFactory | None = N
                 "X-Content-SHA256",
                 "X-Row-Count",
                 "Content-Disposition",
+                "X-Flywheel-Generation-Ids",
+                "X-Flywheel-Adapter",
+                "X-Flywheel-Alias",
+                "X-Flywheel-Traffic-Arm",
             ],
             max_age=600,
         )

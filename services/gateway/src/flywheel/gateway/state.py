@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -21,10 +22,35 @@ from flywheel.gateway.upstream import Upstreams
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "versions"
 
+# Connections to the inference service: a streamed completion holds one for its whole
+# length, so many may be open at once; past the cap, requests wait (up to the connect
+# deadline) for one to free up, then get 503.
+INFERENCE_MAX_CONNECTIONS = 1024
+INFERENCE_KEEPALIVE_CONNECTIONS = 128
+
+
+def inference_client(settings: GatewaySettings) -> httpx.AsyncClient:
+    """The HTTP client of the inference service's OpenAI API, shared by every request."""
+    return httpx.AsyncClient(
+        base_url=settings.inference_url,
+        timeout=httpx.Timeout(
+            settings.inference_timeout_s,
+            connect=settings.upstream_timeout_s,
+            pool=settings.upstream_timeout_s,
+        ),
+        limits=httpx.Limits(
+            max_connections=INFERENCE_MAX_CONNECTIONS,
+            max_keepalive_connections=INFERENCE_KEEPALIVE_CONNECTIONS,
+        ),
+        # An internal address: never through the environment's HTTP proxy.
+        trust_env=False,
+    )
+
 
 @dataclass
 class GatewayState:
-    """Channels to the services, key cache, rate limits and the idempotency store."""
+    """Channels to the services, key cache, rate limits, the idempotency store and the
+    HTTP client of the inference service's OpenAI API."""
 
     settings: GatewaySettings
     upstreams: Upstreams
@@ -32,6 +58,7 @@ class GatewayState:
     limits: TokenBuckets
     idempotency: IdempotencyStore
     recorder: FeedbackRecorder
+    inference_http: httpx.AsyncClient
     _engine: AsyncEngine | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -68,13 +95,15 @@ class GatewayState:
                 max_items=settings.feedback_batch_max_items,
                 concurrency=settings.feedback_batch_concurrency,
             ),
+            inference_http=inference_client(settings),
             _engine=engine,
         )
         state._tasks.append(asyncio.create_task(state.idempotency.prune_forever(state._stop)))
         return state
 
     async def close(self) -> None:
-        """Stop background work, close the channels and any database this state opened."""
+        """Stop background work, close the channels, the inference client and any database
+        this state opened."""
         self._stop.set()
         for task in self._tasks:
             task.cancel()
@@ -82,6 +111,7 @@ class GatewayState:
                 await task
         await self.recorder.close()
         await self.upstreams.close()
+        await self.inference_http.aclose()
         if self._engine is not None:
             await self._engine.dispose()
 
