@@ -39,72 +39,94 @@ class AdapterLoadError(ValueError):
 class BatchAdapters:
     """Which slot each row of the running batch uses; read by every wrapped layer.
 
-    ``version`` changes whenever ``rows`` does, so layers can keep their gathered A/B
-    between decode steps of an unchanged batch instead of gathering again each step.
+    ``version`` changes whenever the rows' slots do, so layers recompute what depends on
+    them once per batch composition, not once per decode step. ``mask`` selects, per row,
+    the rank columns of its slot among slots ``1..last`` (one-row steps use it).
     """
 
+    rank: int
     rows: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    last: int = 0
     version: int = 0
     slots: list[int] = field(default_factory=list)
 
     def set(self, slots: list[int]) -> None:
         """Use ``slots`` (one per batch row) for the next forward passes."""
         if slots == self.slots:
-            return  # unchanged batch: layers keep their gathered pairs
+            return  # unchanged batch: layers keep what they derived from it
         self.slots = list(slots)
         self.version += 1
-        self.rows = None if not any(slots) else torch.tensor(slots, dtype=torch.long)
+        if not any(slots):
+            self.rows, self.mask, self.last = None, None, 0
+            return
+        self.rows = torch.tensor(slots, dtype=torch.long)
+        self.last = max(slots)
+        columns = torch.arange(self.last * self.rank) // self.rank + 1
+        self.mask = (columns[None, :] == self.rows[:, None]).unsqueeze(1)
 
 
 class SlottedLoraLinear(nn.Module):
-    """A frozen linear layer plus ``slots`` LoRA pairs, one chosen per batch row."""
+    """A frozen linear layer plus ``slots`` LoRA pairs, one chosen per batch row.
+
+    The pairs are stored side by side along the rank: ``a`` is ``[in, (S+1) r]`` and ``b``
+    ``[(S+1) r, out]``, slot ``s`` in columns (rows of ``b``) ``s r .. (s+1) r``. A decode
+    step (one token per row) then needs no per-row copies at all: one matmul projects every
+    row onto every slot in use, a mask keeps each row's own slot, one matmul expands, so
+    each adapter's weights are read once per step however many rows use it. A prefill (many
+    tokens per row) instead gathers each row's pair and multiplies only by it, since there
+    the extra columns would cost real FLOPs.
+    """
 
     def __init__(self, base: nn.Linear, slots: int, rank: int, batch: BatchAdapters) -> None:
         super().__init__()
         self.base = base
         self.batch = batch
-        weight = base.weight
-        shape_a = (slots + 1, rank, base.in_features)
-        shape_b = (slots + 1, base.out_features, rank)
-        self.lora_a = nn.Parameter(torch.zeros(shape_a, dtype=weight.dtype), requires_grad=False)
-        self.lora_b = nn.Parameter(torch.zeros(shape_b, dtype=weight.dtype), requires_grad=False)
+        self.rank = rank
+        dtype = base.weight.dtype
+        width = (slots + 1) * rank
+        self.lora_a = nn.Parameter(torch.zeros((base.in_features, width), dtype=dtype), False)
+        self.lora_b = nn.Parameter(torch.zeros((width, base.out_features), dtype=dtype), False)
         # Which slots hold a non-zero pair for this layer (adapters need not target it).
         self.active = [False] * (slots + 1)
         self._cached_version = -1
-        self._cached: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._in_use = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        pair = self._batch_pair()
-        if pair is None:
+        if not self._batch_uses_me():
             return out
-        a, b = pair
+        rows, r = self.batch.rows, self.rank
+        assert rows is not None
+        if x.shape[1] == 1 and self.batch.mask is not None:
+            columns = slice(r, (self.batch.last + 1) * r)
+            h = x @ self.lora_a[:, columns]
+            h = h * self.batch.mask.to(h.dtype)
+            return out.add_(h @ self.lora_b[columns])
+        slots = self.lora_a.shape[1] // r
+        a = self.lora_a.view(-1, slots, r).index_select(1, rows).transpose(0, 1)
+        b = self.lora_b.view(slots, r, -1).index_select(0, rows)
         # [B, T, in] @ [B, in, r] -> [B, T, r] @ [B, r, out]: each row its own adapter.
         return out.baddbmm_(torch.bmm(x, a), b)
 
-    def _batch_pair(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The batch's per-row (Aᵀ, Bᵀ), gathered once per batch composition."""
+    def _batch_uses_me(self) -> bool:
+        """Whether a row of the batch uses a slot with a pair for this layer."""
         if self._cached_version != self.batch.version:
             self._cached_version = self.batch.version
-            rows = self.batch.rows
-            if rows is None or not any(self.active[i] for i in rows.tolist()):
-                self._cached = None
-            else:
-                self._cached = (
-                    self.lora_a.index_select(0, rows).transpose(1, 2).contiguous(),
-                    self.lora_b.index_select(0, rows).transpose(1, 2).contiguous(),
-                )
-        return self._cached
+            self._in_use = any(self.active[s] for s in set(self.batch.slots))
+        return self._in_use
 
     def fill(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put one adapter's (A, scaled B) in ``slot``; ``None`` clears it for this layer."""
-        self.lora_a.data[slot].zero_()
-        self.lora_b.data[slot].zero_()
+        columns = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.lora_a.data[:, columns].zero_()
+        self.lora_b.data[columns].zero_()
         self.active[slot] = a is not None
         if a is not None and b is not None:
             rank = a.shape[0]
-            self.lora_a.data[slot, :rank].copy_(a)
-            self.lora_b.data[slot, :, :rank].copy_(b)
+            start = slot * self.rank
+            self.lora_a.data[:, start : start + rank].copy_(a.T)
+            self.lora_b.data[start : start + rank].copy_(b.T)
         self._cached_version = -1
 
 
@@ -170,7 +192,7 @@ class LoraSlots:
     def __init__(self, model: nn.Module, *, slots: int, rank: int) -> None:
         self.slots = slots
         self.rank = rank
-        self.batch = BatchAdapters()
+        self.batch = BatchAdapters(rank=rank)
         self.layers: dict[tuple[int, str], SlottedLoraLinear] = {}
         for layer_index, block in enumerate(_decoder_layers(model)):
             for module_name, parent, child_name, child in _targets(block):
