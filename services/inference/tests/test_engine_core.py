@@ -9,6 +9,7 @@ adapters than slots (evicted, refilled).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def cramped(base_model: Path, adapters: dict[str, Path]) -> Iterator[EngineCore]
     yield from _engine(base_model, adapters, slots=2)
 
 
-def _generate(core: EngineCore, prompt: str, adapter: str | None) -> str:
+def _generate(core: EngineCore, prompt: str, adapter: str | None, tokens: int = TOKENS) -> str:
     done = threading.Event()
     text: list[str] = []
     errors: list[BaseException] = []
@@ -104,7 +105,7 @@ def _generate(core: EngineCore, prompt: str, adapter: str | None) -> str:
             done.set()
 
     ids = core.tokenizer(prompt)["input_ids"]
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     core.submit(EngineRequest(ids, adapter, params, sink))
     assert done.wait(60), "no answer in time"
     assert not errors, errors
@@ -153,3 +154,26 @@ def test_more_adapters_than_slots(
     results = _all_at_once(cramped, cases)
     for index, case in enumerate(cases):
         assert results[index] == expected[case], case
+
+
+def test_sequences_joining_and_leaving_at_every_step(engine: EngineCore) -> None:
+    """Staggered arrivals and lengths: rows leave (the last row moves into the hole) and
+    join (written into free rows) while others decode; each answer equals its solo run."""
+    adapters = [None, "r8-all", "r4-attn", "r16-mlp"]
+    cases = [(adapters[i % 4], PROMPTS[i % 3], 2 + (5 * i) % 17) for i in range(14)]
+    solo = [_generate(engine, prompt, adapter, tokens) for adapter, prompt, tokens in cases]
+    results: dict[int, str] = {}
+
+    def run(index: int) -> None:
+        adapter, prompt, tokens = cases[index]
+        results[index] = _generate(engine, prompt, adapter, tokens)
+
+    threads = []
+    for index in range(len(cases)):
+        thread = threading.Thread(target=run, args=(index,))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.003 * (index % 3))
+    for thread in threads:
+        thread.join()
+    assert [results[i] for i in range(len(cases))] == solo

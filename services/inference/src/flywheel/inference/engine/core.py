@@ -120,13 +120,13 @@ class EngineCore:
         config = model.config
         self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
         self.vocab_size = int(config.vocab_size)
-        self.slots = LoraSlots(model, slots=max_loras, rank=max_lora_rank)
+        self.slots = LoraSlots(model, slots=max_loras, rank=max_lora_rank, max_rows=max_num_seqs)
         self.grammars = GrammarCache(tokenizer, self.vocab_size)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.special_ids = set(tokenizer.all_special_ids)
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._num_layers = int(config.num_hidden_layers)
-        self._batch = BatchCache(self._num_layers)
+        self._batch = BatchCache(self._num_layers, max_num_seqs)
         self._running: list[_Sequence] = []
         self._waiting: deque[EngineRequest] = deque()
         self._adapters: dict[str, _Adapter] = {}
@@ -320,7 +320,7 @@ class EngineCore:
         fresh.positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         # n > 1: the choices of a request share its prompt's cache rows.
         rows = [row for row, (request, _) in enumerate(admitted) for _ in range(request.n)]
-        fresh.select(rows)
+        fresh.replicate(rows)
         logits = output.logits[:, -1, :].float().index_select(0, torch.tensor(rows))
         sequences = [
             self._sequence(request, index, slot)
@@ -397,17 +397,20 @@ class EngineCore:
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences from the batch; set the new row slots."""
-        keep = [
+        done = [
             row
             for row, s in enumerate(self._running)
-            if s.finish_reason is None and not s.request.cancelled
+            if s.finish_reason is not None or s.request.cancelled
         ]
-        if len(keep) != len(self._running):
-            for row, sequence in enumerate(self._running):
-                if row not in keep:
-                    self._release(sequence)
-            self._running = [self._running[row] for row in keep]
-            self._batch.select(keep)
+        if done:
+            for row in done:
+                self._release(self._running[row])
+            self._batch.remove(done)
+            # The same swap-remove as the cache: each hole takes the current last row.
+            for row in sorted(done, reverse=True):
+                last = self._running.pop()
+                if row < len(self._running):
+                    self._running[row] = last
         self.slots.batch.set([s.slot for s in self._running])
 
     def _release(self, sequence: _Sequence) -> None:
@@ -426,7 +429,7 @@ class EngineCore:
         for sequence in self._running:
             self._release(sequence)
         self._running, self._waiting = [], deque()
-        self._batch = BatchCache(self._num_layers)
+        self._batch = BatchCache(self._num_layers, self.max_num_seqs)
         self.slots.batch.set([])
         for request in failed.values():
             request.sink(error)

@@ -39,95 +39,97 @@ class AdapterLoadError(ValueError):
 class BatchAdapters:
     """Which slot each row of the running batch uses; read by every wrapped layer.
 
-    ``version`` changes whenever the rows' slots do, so layers recompute what depends on
-    them once per batch composition, not once per decode step. ``mask`` selects, per row,
-    the rank columns of its slot among slots ``1..last`` (one-row steps use it).
+    ``version`` changes whenever the rows' slots do; each layer then refreshes only the
+    rows of its per-row copies whose slot changed (the engine keeps rows in place as far
+    as it can: a leaving row is replaced by the last one), not every row every step.
     """
 
-    rank: int
-    rows: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    last: int = 0
+    rows: int = 0
     version: int = 0
     slots: list[int] = field(default_factory=list)
 
     def set(self, slots: list[int]) -> None:
         """Use ``slots`` (one per batch row) for the next forward passes."""
         if slots == self.slots:
-            return  # unchanged batch: layers keep what they derived from it
-        self.slots = list(slots)
-        self.version += 1
-        if not any(slots):
-            self.rows, self.mask, self.last = None, None, 0
             return
-        self.rows = torch.tensor(slots, dtype=torch.long)
-        self.last = max(slots)
-        columns = torch.arange(self.last * self.rank) // self.rank + 1
-        self.mask = (columns[None, :] == self.rows[:, None]).unsqueeze(1)
+        self.slots = list(slots)
+        self.rows = len(slots)
+        self.version += 1
 
 
 class SlottedLoraLinear(nn.Module):
     """A frozen linear layer plus ``slots`` LoRA pairs, one chosen per batch row.
 
-    The pairs are stored side by side along the rank: ``a`` is ``[in, (S+1) r]`` and ``b``
-    ``[(S+1) r, out]``, slot ``s`` in columns (rows of ``b``) ``s r .. (s+1) r``. A decode
-    step (one token per row) then needs no per-row copies at all: one matmul projects every
-    row onto every slot in use, a mask keeps each row's own slot, one matmul expands, so
-    each adapter's weights are read once per step however many rows use it. A prefill (many
-    tokens per row) instead gathers each row's pair and multiplies only by it, since there
-    the extra columns would cost real FLOPs.
+    Pairs are stored ready for a batched matmul, ``A`` as ``[S+1, in, r]`` and ``B`` as
+    ``[S+1, r, out]``. Each batch row gets its pair copied into a per-layer buffer of
+    ``max_rows`` rows, kept between steps and refreshed only where a row's slot changed,
+    so the forward pass is one ``bmm`` + one ``baddbmm`` whatever the adapters' mix.
     """
 
-    def __init__(self, base: nn.Linear, slots: int, rank: int, batch: BatchAdapters) -> None:
+    def __init__(
+        self, base: nn.Linear, slots: int, rank: int, batch: BatchAdapters, max_rows: int
+    ) -> None:
         super().__init__()
         self.base = base
         self.batch = batch
-        self.rank = rank
         dtype = base.weight.dtype
-        width = (slots + 1) * rank
-        self.lora_a = nn.Parameter(torch.zeros((base.in_features, width), dtype=dtype), False)
-        self.lora_b = nn.Parameter(torch.zeros((width, base.out_features), dtype=dtype), False)
+        shape_a = (slots + 1, base.in_features, rank)
+        shape_b = (slots + 1, rank, base.out_features)
+        self.lora_a = nn.Parameter(torch.zeros(shape_a, dtype=dtype), requires_grad=False)
+        self.lora_b = nn.Parameter(torch.zeros(shape_b, dtype=dtype), requires_grad=False)
+        self.row_a = torch.zeros((max_rows, base.in_features, rank), dtype=dtype)
+        self.row_b = torch.zeros((max_rows, rank, base.out_features), dtype=dtype)
         # Which slots hold a non-zero pair for this layer (adapters need not target it).
         self.active = [False] * (slots + 1)
-        self._cached_version = -1
+        self._row_slots: list[int] = []
+        self._version = -1
         self._in_use = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
-        if not self._batch_uses_me():
+        if self._version != self.batch.version:
+            self._refresh()
+        if not self._in_use:
             return out
-        rows, r = self.batch.rows, self.rank
-        assert rows is not None
-        if x.shape[1] == 1 and self.batch.mask is not None:
-            columns = slice(r, (self.batch.last + 1) * r)
-            h = x @ self.lora_a[:, columns]
-            h = h * self.batch.mask.to(h.dtype)
-            return out.add_(h @ self.lora_b[columns])
-        slots = self.lora_a.shape[1] // r
-        a = self.lora_a.view(-1, slots, r).index_select(1, rows).transpose(0, 1)
-        b = self.lora_b.view(slots, r, -1).index_select(0, rows)
+        rows = x.shape[0]
         # [B, T, in] @ [B, in, r] -> [B, T, r] @ [B, r, out]: each row its own adapter.
-        return out.baddbmm_(torch.bmm(x, a), b)
+        return out.baddbmm_(torch.bmm(x, self.row_a[:rows]), self.row_b[:rows])
 
-    def _batch_uses_me(self) -> bool:
-        """Whether a row of the batch uses a slot with a pair for this layer."""
-        if self._cached_version != self.batch.version:
-            self._cached_version = self.batch.version
-            self._in_use = any(self.active[s] for s in set(self.batch.slots))
-        return self._in_use
+    def _refresh(self) -> None:
+        """Copy in the pairs of rows whose slot changed since the last batch."""
+        self._version = self.batch.version
+        slots = self.batch.slots
+        self._in_use = any(self.active[s] for s in set(slots))
+        if not self._in_use:
+            return
+        if len(slots) > self.row_a.shape[0]:
+            self._grow(len(slots))
+        known = self._row_slots
+        changed = [i for i, s in enumerate(slots) if i >= len(known) or known[i] != s]
+        if changed:
+            index = torch.tensor(changed, dtype=torch.long)
+            wanted = torch.tensor([slots[i] for i in changed], dtype=torch.long)
+            self.row_a.index_copy_(0, index, self.lora_a.index_select(0, wanted))
+            self.row_b.index_copy_(0, index, self.lora_b.index_select(0, wanted))
+        self._row_slots = list(slots)
+
+    def _grow(self, rows: int) -> None:
+        self.row_a = torch.zeros((rows, *self.row_a.shape[1:]), dtype=self.row_a.dtype)
+        self.row_b = torch.zeros((rows, *self.row_b.shape[1:]), dtype=self.row_b.dtype)
+        self._row_slots = []
 
     def fill(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Put one adapter's (A, scaled B) in ``slot``; ``None`` clears it for this layer."""
-        columns = slice(slot * self.rank, (slot + 1) * self.rank)
-        self.lora_a.data[:, columns].zero_()
-        self.lora_b.data[columns].zero_()
+        self.lora_a.data[slot].zero_()
+        self.lora_b.data[slot].zero_()
         self.active[slot] = a is not None
         if a is not None and b is not None:
             rank = a.shape[0]
-            start = slot * self.rank
-            self.lora_a.data[:, start : start + rank].copy_(a.T)
-            self.lora_b.data[start : start + rank].copy_(b.T)
-        self._cached_version = -1
+            self.lora_a.data[slot, :, :rank].copy_(a.T)
+            self.lora_b.data[slot, :rank].copy_(b.T)
+        # Rows copied from this slot are stale.
+        self._row_slots = [-1 if s == slot else s for s in self._row_slots]
+        self._version = -1
 
 
 @dataclass
@@ -189,14 +191,14 @@ def _pattern_value(pattern: Mapping[str, Any], layer: int, module: str, default:
 class LoraSlots:
     """The slot tables of a model: install once, then fill and clear slots."""
 
-    def __init__(self, model: nn.Module, *, slots: int, rank: int) -> None:
+    def __init__(self, model: nn.Module, *, slots: int, rank: int, max_rows: int = 16) -> None:
         self.slots = slots
         self.rank = rank
-        self.batch = BatchAdapters(rank=rank)
+        self.batch = BatchAdapters()
         self.layers: dict[tuple[int, str], SlottedLoraLinear] = {}
         for layer_index, block in enumerate(_decoder_layers(model)):
             for module_name, parent, child_name, child in _targets(block):
-                wrapped = SlottedLoraLinear(child, slots, rank, self.batch)
+                wrapped = SlottedLoraLinear(child, slots, rank, self.batch, max_rows)
                 setattr(parent, child_name, wrapped)
                 self.layers[(layer_index, module_name)] = wrapped
 
