@@ -42,6 +42,7 @@ bench: setup  ## benchmarks (each prints a table and a JSON line)
 	$(UV) run python bench/ingest.py
 	$(UV) run python bench/dataset_build.py
 	$(UV) run python bench/train.py
+	$(UV) run python bench/serve.py
 
 clean:  ## remove local state (.flywheel/) and generated code
 	rm -rf .flywheel libs/core/src/flywheel/contracts
