@@ -454,16 +454,6 @@ def run_baseline_side(
 # --- publish -> first completion through Kafka --------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Trained:
-    """What `build_manifest` reads of a finished run (`TrainedAdapter`)."""
-
-    adapter_dir: Path
-    metrics: dict[str, float]
-    hyperparameters: dict[str, Any]
-    lora: dict[str, Any]
-
-
 @contextlib.contextmanager
 def inference_service(
     model_dir: Path, data_dir: Path, bootstrap: str, engine_url: str | None, base_id: str
@@ -551,36 +541,14 @@ class PublishTiming:
 def published_record(store_root: Path, model_dir: Path, folder: Path, version: str) -> Any:
     """Put the adapter in the artifact store as the trainer publishes it (manifest with
     every file's sha256, files, then manifest.json); its ``adapter.published`` record."""
-    from flywheel.contracts.common.v1.common_pb2 import AdapterRef
-    from flywheel.contracts.trainer.v1 import events_pb2 as te
     from flywheel.core.artifacts import LocalArtifactStore
-    from flywheel.core.events.bus import EventRecord
-    from flywheel.core.events.envelope import event_options, wrap
-    from flywheel.trainer.manifest import build_manifest, publish
-    from flywheel.trainer.spec import LoraSettings, TrainSpec
+    from flywheel.inference import testing
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    train_file = store_root.parent / "train.jsonl"
-    train_file.write_text('{"prompt": "p", "completion": "c"}\n')
-    lora = LoraSettings(r=RANK, alpha=float(RANK), dropout=0.0, target_modules=targets)
-    spec = TrainSpec(
-        method="sft", base_model=str(model_dir), train_file=train_file,
-        adapter_name=KAFKA_ADAPTER, task="budgeting", lora=lora,
+    manifest = testing.publish_adapter(
+        LocalArtifactStore(store_root), folder, tenant=TENANT, name=KAFKA_ADAPTER,
+        version=version, base_model=str(model_dir), rank=RANK, alpha=float(RANK),
     )  # fmt: skip
-    trained = _Trained(
-        folder, metrics={}, hyperparameters={},
-        lora={"r": RANK, "alpha": float(RANK), "dropout": 0.0,
-              "target_modules": list(targets), "use_rslora": False},
-    )  # fmt: skip
-    ref = AdapterRef(name=KAFKA_ADAPTER, version=version)
-    manifest = build_manifest(spec, trained, tenant_id=TENANT, adapter=ref)
-    manifest = publish(LocalArtifactStore(store_root), manifest, folder)
-    envelope = wrap(TENANT, te.AdapterPublished(manifest=manifest), source_service="trainer")
-    return EventRecord(
-        topic=event_options(te.AdapterPublished)[1], key=TENANT,
-        value=envelope.SerializeToString(), event_id=envelope.event_id,
-        event_type=envelope.type,
-    )  # fmt: skip
+    return testing.published_record(manifest)
 
 
 async def _publish_and_poll(

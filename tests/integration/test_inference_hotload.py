@@ -41,12 +41,10 @@ from flywheel.contracts.inference.v1 import events_pb2 as ie
 from flywheel.contracts.inference.v1 import resources_pb2 as ri
 from flywheel.contracts.inference.v1 import service_pb2 as infapi
 from flywheel.contracts.inference.v1.service_pb2_grpc import InferenceServiceStub
-from flywheel.contracts.trainer.v1 import events_pb2 as te
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.db import create_engine, session_factory
-from flywheel.core.events.bus import EventRecord
-from flywheel.core.events.envelope import event_options, parse, unpack, wrap
+from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.kafka import KafkaBus, ensure_topics
 from flywheel.core.events.topics import EventType, Topic
 from flywheel.core.layout import adapter_prefix
@@ -54,10 +52,13 @@ from flywheel.core.testing.local_infra import LocalKafka
 from flywheel.core.testing.stack import Stack, running_stack
 from flywheel.inference.aliases import AliasStore
 from flywheel.inference.routing import Arm, WeightedRef
-from flywheel.inference.testing import DEFAULT_TARGET_MODULES, random_lora_adapter, tiny_base_model
+from flywheel.inference.testing import (
+    adapter_manifest,
+    published_record,
+    random_lora_adapter,
+    tiny_base_model,
+)
 from flywheel.trainer import manifest as trainer_manifest
-from flywheel.trainer.runner import RecordedOutcome
-from flywheel.trainer.spec import TrainSpec
 
 pytestmark = pytest.mark.integration
 
@@ -77,36 +78,6 @@ T = TypeVar("T")
 # --- adapters, published the trainer's way --------------------------------------------------
 
 
-def build_manifest(
-    folder: Path, *, name: str, version: str, base_model: str, rank: int = RANK
-) -> tr.AdapterManifest:
-    """The manifest the trainer writes for the adapter files in ``folder``."""
-    outcome = RecordedOutcome(
-        adapter_dir=folder,
-        metrics={"eval_loss": 1.0},
-        hyperparameters={},
-        lora={"r": rank, "alpha": float(ALPHA), "dropout": 0.0,
-              "target_modules": list(DEFAULT_TARGET_MODULES), "use_rslora": False},
-        steps=1,
-        resumed_from_step=None,
-    )  # fmt: skip
-    spec = TrainSpec(method="sft", base_model=base_model, train_file=Path("train.jsonl"))
-    return trainer_manifest.build_manifest(
-        spec, outcome, tenant_id=TENANT, adapter=AdapterRef(name=name, version=version)
-    )
-
-
-def published_record(manifest: tr.AdapterManifest) -> EventRecord:
-    """``adapter.published`` for ``manifest``, as the trainer's outbox stages it."""
-    payload = te.AdapterPublished(manifest=manifest)
-    envelope = wrap(manifest.tenant_id, payload, source_service="trainer")
-    _type, topic = event_options(payload)
-    return EventRecord(
-        topic=topic, key=manifest.tenant_id, value=envelope.SerializeToString(),
-        event_id=envelope.event_id, event_type=envelope.type,
-    )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class Prepared:
     """An adapter folder and its manifest, ready to be stored and announced."""
@@ -124,8 +95,14 @@ def prepare_adapters(base: Path, root: Path) -> dict[str, Prepared]:
         folder = random_lora_adapter(
             base, root / f"{NAME}-{version}", rank=rank, alpha=ALPHA, seed=seed
         )
-        return folder, build_manifest(
-            folder, name=NAME, version=version, base_model=base_model, rank=rank
+        return folder, adapter_manifest(
+            folder,
+            tenant=TENANT,
+            alpha=ALPHA,
+            name=NAME,
+            version=version,
+            base_model=base_model,
+            rank=rank,
         )
 
     def corrupt(version: str, seed: int) -> Path:
@@ -145,12 +122,28 @@ def prepare_adapters(base: Path, root: Path) -> dict[str, Prepared]:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     made["truncated"] = Prepared(
         folder,
-        build_manifest(folder, name=NAME, version="v3-truncated", base_model=base_model),
+        adapter_manifest(
+            folder,
+            tenant=TENANT,
+            alpha=ALPHA,
+            rank=RANK,
+            name=NAME,
+            version="v3-truncated",
+            base_model=base_model,
+        ),
         "not_safetensors",
     )
 
     folder = corrupt("v4-wrong-base", 4)
-    manifest = build_manifest(folder, name=NAME, version="v4-wrong-base", base_model=base_model)
+    manifest = adapter_manifest(
+        folder,
+        tenant=TENANT,
+        alpha=ALPHA,
+        rank=RANK,
+        name=NAME,
+        version="v4-wrong-base",
+        base_model=base_model,
+    )
     manifest.lineage.base_model = "someone/another-base-model"
     made["wrong_base"] = Prepared(folder, manifest, "base_mismatch")
 
@@ -161,7 +154,15 @@ def prepare_adapters(base: Path, root: Path) -> dict[str, Prepared]:
     (folder / "adapter_model.bin").write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
     made["pickle"] = Prepared(
         folder,
-        build_manifest(folder, name=NAME, version="v6-pickle", base_model=base_model),
+        adapter_manifest(
+            folder,
+            tenant=TENANT,
+            alpha=ALPHA,
+            rank=RANK,
+            name=NAME,
+            version="v6-pickle",
+            base_model=base_model,
+        ),
         "not_safetensors",
     )
 
@@ -170,10 +171,29 @@ def prepare_adapters(base: Path, root: Path) -> dict[str, Prepared]:
     folder = corrupt("escape", 7)
     made["dotdot"] = Prepared(
         folder,
-        build_manifest(folder, name="../escape", version="v1", base_model=base_model),
+        adapter_manifest(
+            folder,
+            tenant=TENANT,
+            alpha=ALPHA,
+            rank=RANK,
+            name="../escape",
+            version="v1",
+            base_model=base_model,
+        ),
         "unsafe_path",
     )
     return made
+
+
+def manifest_of(
+    folder: Path, version: str, base_model: str, *, name: str = NAME, rank: int = RANK
+) -> tr.AdapterManifest:
+    """The trainer's manifest of the adapter files in ``folder``."""
+    manifest: tr.AdapterManifest = adapter_manifest(
+        folder, tenant=TENANT, name=name, version=version, base_model=base_model,
+        rank=rank, alpha=ALPHA,
+    )  # fmt: skip
+    return manifest
 
 
 def store_adapter(store: LocalArtifactStore, prepared: Prepared) -> tr.AdapterManifest:

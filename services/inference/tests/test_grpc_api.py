@@ -57,14 +57,11 @@ from flywheel.inference.models import MIGRATIONS
 from flywheel.inference.registry import AdapterRegistry
 from flywheel.inference.service import InferenceService
 from flywheel.inference.testing import (
-    DEFAULT_TARGET_MODULES,
     engine_server,
+    publish_adapter,
     random_lora_adapter,
 )
 from flywheel.inference.validation import BaseModelFacts
-from flywheel.trainer import manifest as manifests
-from flywheel.trainer.runner import RecordedOutcome
-from flywheel.trainer.spec import TrainSpec
 
 ROUTABLE = ri.ADAPTER_STATUS_ROUTABLE
 REJECTED = ri.ADAPTER_STATUS_REJECTED
@@ -87,17 +84,11 @@ def _publish(
     store: LocalArtifactStore, base: Path, folder: Path, tenant: str, name: str, version: str
 ) -> tr.AdapterManifest:
     """The trainer's manifest of ``folder``, published into ``store`` as the trainer does."""
-    outcome = RecordedOutcome(
-        adapter_dir=folder, metrics={"eval_loss": 1.0}, hyperparameters={},
-        lora={"r": RANK, "alpha": ALPHA, "dropout": 0.0,
-              "target_modules": sorted(DEFAULT_TARGET_MODULES), "use_rslora": False},
-        steps=1, resumed_from_step=None,
+    published: tr.AdapterManifest = publish_adapter(
+        store, folder, tenant=tenant, name=name, version=version, base_model=str(base),
+        rank=RANK, alpha=ALPHA,
     )  # fmt: skip
-    spec = TrainSpec(method="sft", base_model=str(base), train_file=Path("train.jsonl"))
-    built = manifests.build_manifest(
-        spec, outcome, tenant_id=tenant, adapter=AdapterRef(name=name, version=version)
-    )
-    return manifests.publish(store, built, folder)
+    return published
 
 
 def _adapters(base: Path, root: Path, store: LocalArtifactStore) -> dict[str, tr.AdapterManifest]:

@@ -38,21 +38,15 @@ from flywheel.contracts.feedback.v1.service_pb2_grpc import FeedbackServiceStub
 from flywheel.contracts.inference.v1 import resources_pb2 as ri
 from flywheel.contracts.inference.v1 import service_pb2 as infapi
 from flywheel.contracts.inference.v1.service_pb2_grpc import InferenceServiceStub
-from flywheel.contracts.trainer.v1 import events_pb2 as te
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.artifacts import LocalArtifactStore
 from flywheel.core.config import ServiceSettings
 from flywheel.core.db import create_engine, session_factory
-from flywheel.core.events.bus import EventRecord
-from flywheel.core.events.envelope import event_options, wrap
 from flywheel.core.events.factory import create_bus
 from flywheel.core.testing.stack import Stack, running_stack
 from flywheel.inference.aliases import AliasStore
 from flywheel.inference.routing import Arm, WeightedRef
-from flywheel.inference.testing import DEFAULT_TARGET_MODULES, random_lora_adapter
-from flywheel.trainer import manifest as trainer_manifest
-from flywheel.trainer.runner import RecordedOutcome
-from flywheel.trainer.spec import TrainSpec
+from flywheel.inference.testing import publish_adapter, published_record, random_lora_adapter
 
 TENANT = "openai-client"
 OTHER_TENANT = "someone-else"
@@ -88,36 +82,6 @@ def wait_for(what: str, seconds: float, probe: Callable[[], T | None], every: fl
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {seconds:.0f}s waiting for {what}")
         time.sleep(every)
-
-
-def build_manifest(
-    folder: Path, *, tenant: str, name: str, version: str, base_model: str
-) -> tr.AdapterManifest:
-    """The manifest the trainer would write for a random adapter in ``folder``."""
-    outcome = RecordedOutcome(
-        adapter_dir=folder,
-        metrics={"eval_loss": 1.0},
-        hyperparameters={},
-        lora={"r": RANK, "alpha": float(ALPHA), "dropout": 0.0,
-              "target_modules": list(DEFAULT_TARGET_MODULES), "use_rslora": False},
-        steps=1,
-        resumed_from_step=None,
-    )  # fmt: skip
-    spec = TrainSpec(method="sft", base_model=base_model, train_file=Path("train.jsonl"))
-    return trainer_manifest.build_manifest(
-        spec, outcome, tenant_id=tenant, adapter=AdapterRef(name=name, version=version)
-    )
-
-
-def published_record(manifest: tr.AdapterManifest) -> EventRecord:
-    """``adapter.published`` for ``manifest``, as the trainer's outbox stages it."""
-    payload = te.AdapterPublished(manifest=manifest)
-    envelope = wrap(manifest.tenant_id, payload, source_service="trainer")
-    _type, topic = event_options(payload)
-    return EventRecord(
-        topic=topic, key=manifest.tenant_id, value=envelope.SerializeToString(),
-        event_id=envelope.event_id, event_type=envelope.type,
-    )  # fmt: skip
 
 
 async def announce(data_dir: Path, manifests: Sequence[tr.AdapterManifest]) -> None:
@@ -221,10 +185,18 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             folder = random_lora_adapter(
                 Path(base_model), root / "adapters" / name, rank=RANK, alpha=ALPHA, seed=seed
             )
-            built = build_manifest(
-                folder, tenant=TENANT, name=name, version=VERSION, base_model=base_model
+            manifests.append(
+                publish_adapter(
+                    store,
+                    folder,
+                    tenant=TENANT,
+                    name=name,
+                    version=VERSION,
+                    base_model=base_model,
+                    rank=RANK,
+                    alpha=ALPHA,
+                )
             )
-            manifests.append(trainer_manifest.publish(store, built, folder))
         asyncio.run(announce(stack.data_dir, manifests))
         result = Served(stack, base_model, url)
         wanted = {f"{name}@{VERSION}" for name in ADAPTERS}

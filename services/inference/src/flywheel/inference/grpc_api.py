@@ -28,7 +28,7 @@ from flywheel.inference.aliases import to_proto as alias_to_proto
 from flywheel.inference.engine_client import EngineError
 from flywheel.inference.hotload import engine_name
 from flywheel.inference.routing import Arm, arm_from_proto
-from flywheel.inference.service import Caller, InferenceService
+from flywheel.inference.service import Caller, InferenceService, choice_text, delta_text
 from flywheel.inference.validation import AdapterRejected
 
 SERVICE_NAME = "flywheel.contracts.inference.v1.InferenceService"
@@ -129,18 +129,6 @@ def _usage(data: dict[str, Any]) -> ri.Usage:
 
 def _finish_reason(value: Any) -> ri.FinishReason.ValueType:
     return FINISH_REASONS.get(str(value), ri.FINISH_REASON_UNSPECIFIED)
-
-
-def _choice_text(choice: dict[str, Any], chat: bool) -> str:
-    if chat:
-        return str((choice.get("message") or {}).get("content") or "")
-    return str(choice.get("text") or "")
-
-
-def _delta_text(choice: dict[str, Any], chat: bool) -> str:
-    if chat:
-        return str((choice.get("delta") or {}).get("content") or "")
-    return str(choice.get("text") or "")
 
 
 def _response_format(message: ri.ResponseFormat) -> dict[str, Any] | None:
@@ -384,7 +372,7 @@ class InferenceServicer(InferenceServiceServicer):
             response.choices.append(
                 api.Choice(
                     index=int(choice.get("index", 0)),
-                    text=_choice_text(choice, chat),
+                    text=choice_text(choice, chat),
                     finish_reason=_finish_reason(choice.get("finish_reason")),
                     generation_id=str(choice.get("generation_id") or ""),
                 )
@@ -420,7 +408,7 @@ class InferenceServicer(InferenceServiceServicer):
                         )
                     for choice in chunk.get("choices") or ():
                         index = int(choice.get("index", 0))
-                        text = _delta_text(choice, chat)
+                        text = delta_text(choice, chat)
                         if text:
                             yield api.GenerateStreamResponse(
                                 delta=api.ChoiceDelta(index=index, text=text)

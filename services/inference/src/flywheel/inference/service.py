@@ -246,7 +246,7 @@ class InferenceService:
         latency = time.perf_counter() - started
         chat = path.endswith("chat/completions")
         choices = result.get("choices", [])
-        outputs = [_choice_text(c, chat) for c in choices]
+        outputs = [choice_text(c, chat) for c in choices]
         ids = await self._log(
             caller, route, body, outputs, client_ids, result.get("usage"), latency
         )
@@ -298,7 +298,7 @@ class InferenceService:
             for choice in chunk.get("choices", []):
                 index = int(choice.get("index", 0))
                 if index < len(texts):
-                    texts[index] += _delta_text(choice, chat)
+                    texts[index] += delta_text(choice, chat)
                     if ids:
                         choice["generation_id"] = ids[index]
             usage = chunk.get("usage") or usage
@@ -397,13 +397,15 @@ def _card(name: str, created: int, parent: str | None) -> dict[str, Any]:
             "root": name, "parent": parent}  # fmt: skip
 
 
-def _choice_text(choice: dict[str, Any], chat: bool) -> str:
+def choice_text(choice: dict[str, Any], chat: bool) -> str:
+    """A finished choice's text (chat message content or completion text)."""
     if chat:
         return str((choice.get("message") or {}).get("content") or "")
     return str(choice.get("text") or "")
 
 
-def _delta_text(choice: dict[str, Any], chat: bool) -> str:
+def delta_text(choice: dict[str, Any], chat: bool) -> str:
+    """The text a streamed chunk adds to its choice."""
     if chat:
         return str((choice.get("delta") or {}).get("content") or "")
     return str(choice.get("text") or "")

@@ -322,3 +322,58 @@ def engine_server(
 def engine_log_tail(log_path: Path, chars: int = 8_000) -> str:
     """The last ``chars`` characters of an engine log (for failure messages)."""
     return _log_tail(log_path, chars)
+
+
+def adapter_manifest(
+    folder: Path,
+    *,
+    tenant: str,
+    name: str,
+    version: str,
+    base_model: str,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    use_rslora: bool = False,
+) -> Any:
+    """The ``AdapterManifest`` the trainer would write for the adapter files in ``folder``
+    (every file's sha256, the base model, the LoRA shape), built by the trainer's own code."""
+    from flywheel.contracts.common.v1.common_pb2 import AdapterRef
+    from flywheel.trainer.manifest import build_manifest
+    from flywheel.trainer.runner import RecordedOutcome
+    from flywheel.trainer.spec import TrainSpec
+
+    lora = {"r": rank, "alpha": float(alpha), "dropout": 0.0,
+            "target_modules": sorted(target_modules), "use_rslora": use_rslora}  # fmt: skip
+    outcome = RecordedOutcome(
+        adapter_dir=folder, metrics={"eval_loss": 1.0}, hyperparameters={}, lora=lora,
+        steps=1, resumed_from_step=None,
+    )  # fmt: skip
+    spec = TrainSpec(method="sft", base_model=base_model, train_file=Path("train.jsonl"))
+    ref = AdapterRef(name=name, version=version)
+    return build_manifest(spec, outcome, tenant_id=tenant, adapter=ref)
+
+
+def publish_adapter(store: Any, folder: Path, **manifest_fields: Any) -> Any:
+    """Put the adapter in ``folder`` into the artifact ``store`` exactly as the trainer
+    publishes (files, then manifest.json); the published manifest.
+    ``manifest_fields`` are :func:`adapter_manifest`'s keyword arguments."""
+    from flywheel.trainer.manifest import publish
+
+    return publish(store, adapter_manifest(folder, **manifest_fields), folder)
+
+
+def published_record(manifest: Any) -> Any:
+    """``adapter.published`` for ``manifest`` as an event record, as the trainer's outbox
+    stages it (for a bus's ``publish``)."""
+    from flywheel.contracts.trainer.v1 import events_pb2 as te
+    from flywheel.core.events.bus import EventRecord
+    from flywheel.core.events.envelope import event_options, wrap
+
+    payload = te.AdapterPublished(manifest=manifest)
+    envelope = wrap(manifest.tenant_id, payload, source_service="trainer")
+    _type, topic = event_options(payload)
+    return EventRecord(
+        topic=topic, key=manifest.tenant_id, value=envelope.SerializeToString(),
+        event_id=envelope.event_id, event_type=envelope.type,
+    )  # fmt: skip
