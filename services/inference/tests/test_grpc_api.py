@@ -40,7 +40,7 @@ from flywheel.contracts.inference.v1.service_pb2_grpc import (
     add_InferenceServiceServicer_to_server,
 )
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
-from flywheel.core.artifacts import LocalArtifactStore
+from flywheel.core.artifacts import LocalArtifactStore, copy_out
 from flywheel.core.db import SessionFactory, create_engine, session_factory
 from flywheel.core.events.envelope import parse, unpack
 from flywheel.core.events.outbox import OutboxEvent
@@ -49,6 +49,7 @@ from flywheel.core.migrations import upgrade
 from flywheel.core.rpc import start_grpc_server
 from flywheel.core.testing.local_infra import free_port
 from flywheel.inference.aliases import AliasStore
+from flywheel.inference.composition import compose_cat
 from flywheel.inference.engine_client import EngineClient
 from flywheel.inference.generation_log import GenerationLog, PendingGenerationRow
 from flywheel.inference.grpc_api import SERVICE_NAME, InferenceServicer, _request
@@ -619,3 +620,49 @@ async def test_engine_down_is_unavailable(stack: Stack, tmp_path: Path) -> None:
             assert await status_of(register) == grpc.StatusCode.UNAVAILABLE
     finally:
         await dead.close()
+
+
+async def test_composite_arm_is_served_as_one_concatenated_adapter(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """An arm naming two weighted adapters is served by their rank-concatenated composite:
+    the same greedy text as that composite loaded directly, unlike either component."""
+    await register(stack, "budget@v1", "budget@v2")
+    parts = [
+        WeightedAdapter(adapter=ref("budget", "v1"), weight=0.7),
+        WeightedAdapter(adapter=ref("budget", "v2"), weight=0.3),
+    ]
+    target = ri.TrafficArm(label="blend", weight=1.0, adapters=parts)
+    await stack.stub.SetAlias(api.SetAliasRequest(tenant_id="acme", alias="blend", target=target))
+    response = await stack.stub.Generate(generate("acme/blend", max_tokens=12))
+    assert not response.served_by.HasField("adapter")
+    assert list(response.served_by.components) == parts
+    log = await logged(stack.sessions)
+    assert list(log[response.choices[0].generation_id].composed_adapters) == parts
+
+    # The reference: compose the published files by hand and load that on the engine.
+    folders = []
+    for key, weight in (("budget@v1", 0.7), ("budget@v2", 0.3)):
+        manifest = stack.fleet.manifests[key]
+        folder = tmp_path / key.replace("@", "-")
+        for digest in manifest.files:
+            copy_out(stack.fleet.store, f"{stack.fleet.store.key_of(manifest.artifact.uri)}/"
+                     f"{digest.path}", folder / digest.path)  # fmt: skip
+        folders.append((folder, weight))
+    reference = compose_cat(folders, tmp_path / "reference", base_model_id=str(stack.fleet.base))
+    engine = EngineClient(stack.fleet.url, timeout_s=60)
+    try:
+        await engine.load_adapter("reference-blend", str(reference))
+        question = {"role": "user", "content": "Split a $5,000 budget across Amazon and Walmart."}
+        body = {"model": "reference-blend", "max_tokens": 12, "temperature": 0,
+                "messages": [question]}  # fmt: skip
+        expected = (await engine.complete("/v1/chat/completions", body))["choices"][0]
+        await engine.unload_adapter("reference-blend")
+    finally:
+        await engine.close()
+    assert response.choices[0].text == expected["message"]["content"]
+    singles = [
+        (await stack.stub.Generate(generate(f"budget@{v}", max_tokens=12))).choices[0].text
+        for v in ("v1", "v2")
+    ]
+    assert response.choices[0].text not in singles
