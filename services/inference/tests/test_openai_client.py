@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +45,13 @@ from flywheel.core.events.factory import create_bus
 from flywheel.core.testing.stack import Stack, running_stack
 from flywheel.inference.aliases import AliasStore
 from flywheel.inference.routing import Arm, WeightedRef
-from flywheel.inference.testing import publish_adapter, published_record, random_lora_adapter
+from flywheel.inference.testing import (
+    ALLOCATION_SCHEMA,
+    check_allocation,
+    publish_adapter,
+    published_record,
+    random_lora_adapter,
+)
 
 TENANT = "openai-client"
 OTHER_TENANT = "someone-else"
@@ -55,16 +60,6 @@ VERSION = "v1"
 RANK, ALPHA = 8, 16
 TIMEOUT_S = 120.0
 PROMPT = "Split a $5,000 monthly budget across Amazon Ads and Walmart Connect."
-SCHEMA: dict[str, object] = {
-    "type": "object",
-    "properties": {
-        "retailer": {"type": "string", "enum": ["amazon", "walmart", "target"]},
-        "increase": {"type": "boolean"},
-        "share": {"type": "integer", "minimum": 0, "maximum": 100},
-    },
-    "required": ["retailer", "increase", "share"],
-    "additionalProperties": False,
-}
 
 T = TypeVar("T")
 
@@ -331,7 +326,7 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     # whitespace the grammar allows until max_tokens (see the engine contract tests).
     response_format: ResponseFormatJSONSchema = {
         "type": "json_schema",
-        "json_schema": {"name": "allocation", "schema": SCHEMA},
+        "json_schema": {"name": "allocation", "schema": ALLOCATION_SCHEMA},
     }
     completion = client.chat.completions.create(
         model=f"{ADAPTERS[0]}@{VERSION}",
@@ -343,14 +338,8 @@ def test_json_schema_response_format(client: openai.OpenAI) -> None:
     )
     choice = completion.choices[0]
     assert choice.finish_reason == "stop", choice
-    assert choice.message.content is not None
-    value = json.loads(choice.message.content)
-    assert set(value) == {"retailer", "increase", "share"}, value
-    assert value["retailer"] in ("amazon", "walmart", "target")
-    assert isinstance(value["increase"], bool)
-    assert isinstance(value["share"], int)
+    value = check_allocation(choice.message.content)
     assert not isinstance(value["share"], bool)
-    assert 0 <= value["share"] <= 100
 
 
 def test_alias_routes_to_its_adapter(served: Served, client: openai.OpenAI) -> None:

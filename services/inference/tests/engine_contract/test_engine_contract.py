@@ -40,7 +40,13 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from openai.types.shared_params import ResponseFormatJSONSchema
 from transformers import AutoTokenizer
 
-from flywheel.inference.testing import engine_server, random_lora_adapter, tiny_base_model
+from flywheel.inference.testing import (
+    ALLOCATION_SCHEMA,
+    check_allocation,
+    engine_server,
+    random_lora_adapter,
+    tiny_base_model,
+)
 
 pytestmark = pytest.mark.engine_contract
 
@@ -566,18 +572,6 @@ def test_n_samples_are_seeded_per_choice_like_vllm(engine: Engine, client: opena
         assert alone.choices[0].text == texts[i], i
 
 
-SCHEMA: dict[str, object] = {
-    "type": "object",
-    "properties": {
-        "retailer": {"type": "string", "enum": ["amazon", "walmart", "target"]},
-        "increase": {"type": "boolean"},
-        "share": {"type": "integer", "minimum": 0, "maximum": 100},
-    },
-    "required": ["retailer", "increase", "share"],
-    "additionalProperties": False,
-}
-
-
 def test_json_schema_response_format(
     engine: Engine, client: openai.OpenAI, adapters: list[Adapter]
 ) -> None:
@@ -586,7 +580,7 @@ def test_json_schema_response_format(
     # until max_tokens. Sampling leaves it within ~100 tokens for these models.
     response_format: ResponseFormatJSONSchema = {
         "type": "json_schema",
-        "json_schema": {"name": "allocation", "schema": SCHEMA},
+        "json_schema": {"name": "allocation", "schema": ALLOCATION_SCHEMA},
     }
     for model in (engine.model, adapters[2].name):
         chat = _chat(
@@ -600,13 +594,7 @@ def test_json_schema_response_format(
         )
         choice = chat.choices[0]
         assert choice.finish_reason == "stop", choice
-        assert choice.message.content is not None
-        value = json.loads(choice.message.content)
-        assert set(value) == {"retailer", "increase", "share"}, value
-        assert value["retailer"] in ("amazon", "walmart", "target")
-        assert isinstance(value["increase"], bool)
-        assert isinstance(value["share"], int)
-        assert 0 <= value["share"] <= 100
+        check_allocation(choice.message.content)
 
 
 # --- concurrency -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
+from flywheel.contracts.common.v1.common_pb2 import AdapterRef
 from flywheel.contracts.inference.v1 import resources_pb2 as ri
 from flywheel.contracts.trainer.v1 import resources_pb2 as tr
 from flywheel.core.artifacts import ArtifactError, ArtifactStore, copy_out, sha256_file
@@ -31,11 +32,18 @@ from flywheel.inference.validation import (
     AdapterRejected,
     BaseModelFacts,
     check_name,
+    check_relative_path,
     validate_adapter,
 )
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+
+
+def _check_names(tenant_id: str, ref: AdapterRef) -> None:
+    """Tenant, adapter name and version become path parts: only safe names pass."""
+    for value, what in ((tenant_id, "tenant"), (ref.name, "name"), (ref.version, "version")):
+        check_name(value, what)
 
 
 def engine_name(tenant_id: str, name: str, version: str) -> str:
@@ -83,12 +91,7 @@ class AdapterLoader:
         """
         ref = manifest.adapter
         try:  # names become paths: refuse before anything is stored under them
-            for value, what in (
-                (tenant_id, "tenant"),
-                (ref.name, "name"),
-                (ref.version, "version"),
-            ):
-                check_name(value, what)
+            _check_names(tenant_id, ref)
         except AdapterRejected as rejected:
             await self.registry.reject_unregistrable(tenant_id, ref, rejected.code, rejected.reason)
             return ri.RegisteredAdapter(
@@ -197,8 +200,7 @@ class AdapterLoader:
     async def _fetch(self, tenant_id: str, manifest: tr.AdapterManifest) -> Path:
         """The adapter's files in the local cache, every sha256 verified, validated."""
         ref = manifest.adapter
-        for value, what in ((tenant_id, "tenant"), (ref.name, "name"), (ref.version, "version")):
-            check_name(value, what)
+        _check_names(tenant_id, ref)
         target = self.cache_dir / "adapters" / tenant_id / ref.name / ref.version
         manifest_dict = MessageToDict(manifest, preserving_proto_field_name=True)
         if not target.is_dir():
@@ -218,8 +220,7 @@ class AdapterLoader:
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
         try:
             for digest in manifest.files:
-                if digest.path.startswith(("/", "\\")) or ".." in Path(digest.path).parts:
-                    raise AdapterRejected("unsafe_path", f"file path {digest.path!r}")
+                check_relative_path(digest.path)
                 try:
                     copy_out(self.store, f"{prefix}/{digest.path}", staging / digest.path)
                 except (ArtifactError, FileNotFoundError) as error:

@@ -25,6 +25,7 @@ from flywheel.inference.openai_protocol import (
     CompletionRequest,
     error_body,
     now,
+    validation_problem,
 )
 from flywheel.inference.service import Caller, InferenceService
 
@@ -119,12 +120,10 @@ def build_app(service: InferenceService) -> FastAPI:
 
 
 def _validation_error(errors: Any) -> JSONResponse:
-    first = errors[0] if errors else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "missing" and where.lower().endswith(TENANT_HEADER.lower()):
+    message, param, kind = validation_problem(errors)
+    if kind == "missing" and (param or "").lower().endswith(TENANT_HEADER.lower()):
         return _error(f"{TENANT_HEADER} header is required", 401, "AuthenticationError")
-    return _error(f"{where}: {message}" if where else str(message), 400, "BadRequestError", where)
+    return _error(message, 400, "BadRequestError", param)
 
 
 def _headers(served_by: dict[str, Any], ids: list[str]) -> dict[str, str]:

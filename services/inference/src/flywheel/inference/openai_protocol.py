@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -158,6 +159,28 @@ class CompletionRequest(SamplingFields):
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error envelope (what its client raises ``APIStatusError`` subclasses from)."""
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def validation_problem(
+    errors: Sequence[Any], fallback: str | None = None
+) -> tuple[str, str | None, str]:
+    """(message, param, pydantic error type) of a request's first validation error; the
+    message names the field ("messages: List should have at least 1 item"); without a
+    field, ``fallback`` or the bare message."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    text = str(first.get("msg", "invalid request"))
+    message = f"{where}: {text}" if where else (fallback or text)
+    return message, where or None, str(first.get("type", ""))
+
+
+def model_card(
+    name: str, *, root: str, parent: str | None, created: int, **extra: Any
+) -> dict[str, Any]:
+    """One ``/v1/models`` entry, as vLLM writes it: an adapter carries its base as
+    ``parent``."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "flywheel",
+            "root": root, "parent": parent, **extra}  # fmt: skip
 
 
 def completion_id(chat: bool) -> str:

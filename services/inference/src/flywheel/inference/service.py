@@ -35,6 +35,7 @@ from flywheel.inference.aliases import AliasStore
 from flywheel.inference.engine_client import EngineClient, EngineError
 from flywheel.inference.generation_log import GenerationLog
 from flywheel.inference.hotload import AdapterLoader
+from flywheel.inference.openai_protocol import model_card
 from flywheel.inference.registry import AdapterRegistry
 from flywheel.inference.routing import (
     AdapterVersion,
@@ -53,6 +54,7 @@ SKIPPED_EVENTS = Counter(
 )
 USABLE = (ri.ADAPTER_STATUS_ROUTABLE, ri.ADAPTER_STATUS_UNLOADED)
 DEFAULT_TASK = "general"
+MARK_USED_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class InferenceService:
         self.replica = replica
         self.rng = rng or random.Random()
         self.ready = False
+        self._marked: dict[tuple[str, str, str], float] = {}
 
     async def start(self) -> int:
         """Restore this replica's routable adapters, then report ready; how many loaded."""
@@ -160,14 +163,15 @@ class InferenceService:
 
     async def model_cards(self, tenant_id: str, created: int) -> list[dict[str, Any]]:
         """``/v1/models`` for a tenant: base model, servable adapter versions, aliases."""
-        cards = [_card(self.base_model, created, None)]
+        cards = [model_card(self.base_model, root=self.base_model, parent=None, created=created)]
         cursor = ""
         while True:
             page = await self.registry.list(tenant_id, statuses=list(USABLE), cursor=cursor)
             for entry in page.items:
                 ref = entry.manifest.adapter
                 parent = entry.manifest.lineage.parent_adapter
-                card = _card(f"{ref.name}@{ref.version}", created, self.base_model)
+                name = f"{ref.name}@{ref.version}"
+                card = model_card(name, root=name, parent=self.base_model, created=created)
                 if parent.name:
                     card["parent_adapter"] = f"{parent.name}@{parent.version}"
                 cards.append(card)
@@ -177,7 +181,11 @@ class InferenceService:
         cursor = ""
         while True:
             aliases = await self.aliases.list(tenant_id, cursor=cursor)
-            cards += [_card(a.qualified_name, created, self.base_model) for a in aliases.items]
+            cards += [
+                model_card(a.qualified_name, root=a.qualified_name, parent=self.base_model,
+                           created=created)
+                for a in aliases.items
+            ]  # fmt: skip
             if not aliases.next_cursor:
                 break
             cursor = aliases.next_cursor
@@ -219,7 +227,7 @@ class InferenceService:
             if len(refs) == 1:
                 ref = refs[0]
                 name = await self.loader.ensure(tenant_id, ref.name, ref.version)
-                await self.registry.mark_used(tenant_id, ref.name, ref.version)
+                await self._mark_used(tenant_id, ref)
                 return name
             return await self.loader.ensure_composite(tenant_id, refs)
         except AdapterRejected as rejected:
@@ -310,6 +318,16 @@ class InferenceService:
         await self._log(caller, route, body, texts, client_ids, usage, latency)
         yield "[DONE]"
 
+    async def _mark_used(self, tenant_id: str, ref: WeightedRef) -> None:
+        """Record use (restores load the most recently used first), at most once a minute
+        per adapter: a database write on every request would sit on the serving path."""
+        key = (tenant_id, ref.name, ref.version)
+        now = time.monotonic()
+        if now - self._marked.get(key, -MARK_USED_INTERVAL_S) < MARK_USED_INTERVAL_S:
+            return
+        self._marked[key] = now
+        await self.registry.mark_used(tenant_id, ref.name, ref.version)
+
     async def _prepare(self, caller: Caller, body: dict[str, Any]) -> tuple[Route, list[str]]:
         model = body.get("model")
         if not isinstance(model, str) or not model:
@@ -390,11 +408,6 @@ class InferenceService:
 
 
 FLYWHEEL_FIELDS = frozenset({"task", "metadata", "skip_logging"})
-
-
-def _card(name: str, created: int, parent: str | None) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "flywheel",
-            "root": name, "parent": parent}  # fmt: skip
 
 
 def choice_text(choice: dict[str, Any], chat: bool) -> str:

@@ -377,3 +377,29 @@ def published_record(manifest: Any) -> Any:
         topic=topic, key=manifest.tenant_id, value=envelope.SerializeToString(),
         event_id=envelope.event_id, event_type=envelope.type,
     )  # fmt: skip
+
+
+# A schema every answer of a random model must finish (enum, boolean, bounded integer),
+# for tests of JSON-schema constrained decoding.
+ALLOCATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "retailer": {"type": "string", "enum": ["amazon", "walmart", "target"]},
+        "increase": {"type": "boolean"},
+        "share": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["retailer", "increase", "share"],
+    "additionalProperties": False,
+}
+
+
+def check_allocation(content: str | None) -> dict[str, Any]:
+    """``content`` parsed, after asserting it is JSON matching ``ALLOCATION_SCHEMA``."""
+    assert content is not None
+    value: dict[str, Any] = json.loads(content)
+    assert set(value) == {"retailer", "increase", "share"}, value
+    assert value["retailer"] in ("amazon", "walmart", "target")
+    assert isinstance(value["increase"], bool)
+    assert isinstance(value["share"], int)
+    assert 0 <= value["share"] <= 100
+    return value

@@ -334,7 +334,7 @@ def _listed_files(manifest: Mapping[str, Any]) -> dict[str, tuple[str, int | Non
         path, digest, size = entry.get("path"), entry.get("sha256"), _field(entry, "size_bytes")
         if not isinstance(path, str) or not isinstance(digest, str) or not SHA256.fullmatch(digest):
             _reject("bad_config", f"{MANIFEST}: {_short(entry)} is not a path with a sha256")
-        _check_relative(path)
+        check_relative_path(path)
         if path in listed:
             _reject("bad_config", f"{MANIFEST}: {_short(path)} is listed twice")
         # json_format writes uint64 fields as strings.
@@ -343,7 +343,8 @@ def _listed_files(manifest: Mapping[str, Any]) -> dict[str, tuple[str, int | Non
     return listed
 
 
-def _check_relative(path: str) -> None:
+def check_relative_path(path: str) -> None:
+    """Reject a manifest file path that is not a plain relative path inside the folder."""
     if (
         not path
         or path.startswith("/")

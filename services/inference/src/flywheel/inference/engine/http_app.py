@@ -37,7 +37,9 @@ from flywheel.inference.openai_protocol import (
     SamplingFields,
     completion_id,
     error_body,
+    model_card,
     now,
+    validation_problem,
 )
 
 
@@ -83,10 +85,8 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(error)
-        return _error(message, "BadRequestError", 400, where or None)
+        message, param, _kind = validation_problem(error.errors(), str(error))
+        return _error(message, "BadRequestError", 400, param)
 
     @app.get("/health")
     async def health() -> Response:
@@ -95,9 +95,13 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = now()
-        data = [_model_card(model_name, model_path, None, created, core.max_model_len)]
+        base = model_card(
+            model_name, root=model_path, parent=None, created=created,
+            max_model_len=core.max_model_len,
+        )  # fmt: skip
+        data = [base]
         data += [
-            _model_card(name, path, model_name, created, None)
+            model_card(name, root=path, parent=model_name, created=created, max_model_len=None)
             for name, path in sorted(core.adapter_paths.items())
         ]
         return {"object": "list", "data": data}
@@ -138,7 +142,9 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
     ) -> Response:
         try:
             adapter = adapter_for(body.model)
-            grammar = await asyncio.to_thread(grammar_for, core.grammars, body.response_format)
+            grammar = None
+            if body.response_format is not None:  # compiling may take a while: off the loop
+                grammar = await asyncio.to_thread(grammar_for, core.grammars, body.response_format)
             params = _sampling(body, len(prompt_ids), default_max, core.max_model_len)
         except ModelNotFound as error:
             return _error(str(error), "NotFoundError", 404, "model")
@@ -178,21 +184,6 @@ def build_app(core: EngineCore, model_name: str, model_path: str) -> FastAPI:
         return await serve(body, list(ids), 16, chat=False)
 
     return app
-
-
-def _model_card(
-    name: str, root: str, parent: str | None, created: int, max_model_len: int | None
-) -> dict[str, Any]:
-    # vLLM's card: adapters carry their path as root and the base model as parent.
-    return {
-        "id": name,
-        "object": "model",
-        "created": created,
-        "owned_by": "flywheel",
-        "root": root,
-        "parent": parent,
-        "max_model_len": max_model_len,
-    }
 
 
 def _error(message: str, kind: str, status: int, param: str | None = None) -> JSONResponse:
