@@ -74,7 +74,6 @@ class AdapterLoader:
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, float] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
-        self.last_load_s: dict[str, float] = {}
 
     def loaded(self) -> list[str]:
         """Engine names loaded on this replica, least recently used first."""
@@ -137,10 +136,8 @@ class AdapterLoader:
             if key not in self._loaded:
                 if manifest is None:
                     manifest = (await self.registry.get(tenant_id, name, version)).manifest
-                started = time.perf_counter()
                 folder = await self._fetch(tenant_id, manifest)
                 await self._load(key, folder)
-                self.last_load_s[key] = time.perf_counter() - started
         self._loaded.move_to_end(key)
         await self._evict(keep=key)
         return key

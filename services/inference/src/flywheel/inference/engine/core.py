@@ -75,7 +75,6 @@ class EngineRequest:
     n: int = 1
     grammar: CompiledGrammar | None = None
     cancelled: bool = False
-    admitted_at: float | None = None
 
 
 @dataclass
@@ -138,7 +137,6 @@ class EngineCore:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self.steps = 0
 
     # ---- API for other threads -------------------------------------------------------
 
@@ -333,7 +331,6 @@ class EngineCore:
         self._retire()
 
     def _sequence(self, request: EngineRequest, index: int, slot: int) -> _Sequence:
-        request.admitted_at = request.admitted_at or time.monotonic()
         constraint = None if request.grammar is None else self.grammars.constraint(request.grammar)
         adapter = self._adapters.get(request.adapter) if request.adapter else None
         return _Sequence(
@@ -361,7 +358,6 @@ class EngineCore:
             logits_to_keep=1,
         )
         batch.after_step()
-        self.steps += 1
         self._next_tokens(output.logits[:, -1, :].float(), self._running)
         self._retire()
 
